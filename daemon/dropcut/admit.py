@@ -1,0 +1,339 @@
+"""Admission: from "this path may have changed" to a queued job or a quarantined file.
+
+Holds the candidates (paths reported by the watcher or a rescan), looks at each when it
+is due, admits it once :func:`dropcut.settle.verdict` says it is stable, has
+:func:`dropcut.inspect.inspect_file` read, check and spool it in a worker thread, and
+records the results in the queue in batches. Files refused here never reach the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from dropcut import inspect as insp
+from dropcut.publish import Publisher
+from dropcut.queue import JobQueue, NewJob
+from dropcut.settings import Settings
+from dropcut.settle import (
+    CorruptVerdict,
+    FirstFailure,
+    Seen,
+    Verdict,
+    corrupt_verdict,
+    is_ignored,
+    next_check,
+    observe,
+    verdict,
+)
+
+TICK_SECONDS = 0.05
+GRACE_CODES_STATUS = (415, 422)
+
+
+@dataclass
+class _Candidate:
+    seen: Seen | None = None
+    due: float = 0.0
+
+
+class Admission:
+    """The watch → settle → inspect → queue hand-over."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: JobQueue,
+        publisher: Publisher,
+        spool_dir: Path,
+        on_queued: Callable[[], None],
+        min_observations: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._queue = queue
+        self._publisher = publisher
+        self._spool_dir = spool_dir
+        self._on_queued = on_queued
+        self._min_observations = min_observations
+        self._clock = clock
+        self._candidates: dict[str, _Candidate] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._busy: set[str] = set()  # being inspected right now
+        self._recheck: set[str] = set()  # noticed again while being inspected
+        self._failures: dict[str, FirstFailure] = {}
+        self._reported: dict[str, str] = {}  # rel -> reason already logged (reject/unreadable)
+        self._work: asyncio.Queue[tuple[str, Seen]] = asyncio.Queue()
+        self._log = structlog.get_logger()
+        self.admitted = 0
+
+    def apply(self, settings: Settings, *, min_observations: int) -> None:
+        self.settings = settings
+        self._min_observations = min_observations
+
+    # --- the watcher's side ----------------------------------------------------------
+
+    def notice(self, rel_path: str, *, due: float | None = None) -> None:
+        """A path may have changed (called on the event loop)."""
+        s = self.settings
+        if is_ignored(rel_path, s.ignore_patterns, s.ignore_dirs):
+            self._log.debug("file_ignored", file=rel_path)
+            return
+        if rel_path in self._busy:
+            self._recheck.add(rel_path)
+            return
+        when = self._clock() if due is None else due
+        cand = self._candidates.get(rel_path)
+        if cand is None:
+            cand = self._candidates[rel_path] = _Candidate(due=when)
+        elif when >= cand.due and cand.seen is not None:
+            return  # already scheduled sooner
+        cand.due = when
+        heapq.heappush(self._heap, (when, rel_path))
+
+    def forget_reports(self) -> None:
+        """A full rescan starts: unreadable files are reported again if still so."""
+        self._reported = {k: v for k, v in self._reported.items() if not v.startswith("unreadable")}
+
+    @property
+    def pending(self) -> int:
+        return len(self._candidates) + len(self._busy) + self._work.qsize()
+
+    # --- settle --------------------------------------------------------------------
+
+    async def settle_loop(self) -> None:
+        """Look at due candidates; hand stable ones to the inspectors."""
+        while True:
+            now = self._clock()
+            due: list[str] = []
+            while self._heap and self._heap[0][0] <= now:
+                when, rel = heapq.heappop(self._heap)
+                cand = self._candidates.get(rel)
+                if cand is not None and cand.due == when:
+                    due.append(rel)
+            if due:
+                stats = await asyncio.to_thread(self._stat_all, due)
+                for rel, st in zip(due, stats, strict=True):
+                    self._settle_one(rel, st, self._clock())
+            await asyncio.sleep(TICK_SECONDS)
+
+    def _stat_all(self, rels: list[str]) -> list[os.stat_result | None]:
+        inbox = self.settings.inbox
+        out: list[os.stat_result | None] = []
+        for rel in rels:
+            try:
+                out.append(insp.stat_entry(inbox, rel))
+            except OSError:
+                out.append(None)
+        return out
+
+    def _settle_one(self, rel: str, st: os.stat_result | None, now: float) -> None:
+        cand = self._candidates.get(rel)
+        if cand is None:
+            return
+        if st is None:  # gone (renamed away, deleted): nothing to do
+            del self._candidates[rel]
+            self._failures.pop(rel, None)
+            return
+        state = self._queue.known_signature(rel, st.st_size, st.st_mtime_ns, st.st_ino)
+        if state is not None:
+            del self._candidates[rel]
+            self._log.debug("file_known", file=rel, state=state)
+            return
+        s = self.settings
+        seen = observe(cand.seen, size=st.st_size, mtime_ns=st.st_mtime_ns, now=now)
+        cand.seen = seen
+        v = verdict(
+            seen,
+            now=now,
+            debounce=s.debounce_seconds,
+            max_settle=s.max_settle_seconds,
+            min_observations=self._min_observations,
+        )
+        if v is Verdict.ADMIT:
+            del self._candidates[rel]
+            self._busy.add(rel)
+            self._work.put_nowait((rel, seen))
+        elif v is Verdict.NEVER_SETTLED:
+            del self._candidates[rel]
+            self._quarantine_local(
+                rel,
+                seen,
+                insp.Refused(
+                    rel_path=rel,
+                    status=408,
+                    code="never_settled",
+                    detail=f"size or mtime still changing after {s.max_settle_seconds:g} s",
+                    sha256=None,
+                    size=st.st_size,
+                    mtime_ns=st.st_mtime_ns,
+                    inode=st.st_ino,
+                    device=st.st_dev,
+                ),
+            )
+        else:
+            step = s.poll_interval_seconds if self._min_observations > 1 else s.debounce_seconds
+            cand.due = max(next_check(seen, now=now, debounce=s.debounce_seconds), now + min(step, 1.0))
+            if self._min_observations > 1 and seen.observations < self._min_observations:
+                cand.due = max(now + min(s.debounce_seconds, step) / 2, now + TICK_SECONDS)
+            heapq.heappush(self._heap, (cand.due, rel))
+
+    # --- inspect -------------------------------------------------------------------------
+
+    async def inspect_loop(self) -> None:
+        """One inspector: read, check and spool admitted files in a worker thread."""
+        while True:
+            rel, seen = await self._work.get()
+            try:
+                result = await asyncio.to_thread(
+                    insp.inspect_file,
+                    self.settings.inbox,
+                    rel,
+                    spool_dir=self._spool_dir,
+                    max_bytes=self.settings.max_file_bytes,
+                )
+                self._handle(rel, seen, result)
+            except Exception:
+                self._log.exception("inspect_failed", file=rel)
+            finally:
+                self._busy.discard(rel)
+                if rel in self._recheck:
+                    self._recheck.discard(rel)
+                    self.notice(rel)
+
+    def _handle(self, rel: str, seen: Seen, result: insp.Inspection) -> None:
+        log = self._log.bind(file=rel)
+        match result:
+            case insp.Inspected():
+                self._failures.pop(rel, None)
+                self._reported.pop(rel, None)
+                self.admitted += 1
+                log.info(
+                    "file_admitted",
+                    sha256=result.sha256,
+                    size=result.size,
+                    format=result.format,
+                    width=result.width,
+                    height=result.height,
+                )
+                job = NewJob(
+                    rel_path=rel,
+                    sha256=result.sha256,
+                    size=result.size,
+                    mtime_ns=result.mtime_ns,
+                    inode=result.inode,
+                    device=result.device,
+                    format=result.format,
+                    first_seen=seen.first_seen,
+                )
+                for new, what in self._queue.enqueue_many(
+                    [job], requeue_done=self.settings.on_success != "keep"
+                ):
+                    if what in ("queued", "requeued"):
+                        log.info("job_queued", sha256=new.sha256, size=new.size, again=what == "requeued")
+                    else:
+                        log.info("job_duplicate", sha256=new.sha256, state=what)
+                self._on_queued()
+            case insp.Refused():
+                if (
+                    result.status in GRACE_CODES_STATUS
+                    and result.sha256 is not None
+                    and result.size is not None
+                ):
+                    verdict_, first = corrupt_verdict(
+                        self._failures.get(rel),
+                        size=result.size,
+                        mtime_ns=result.mtime_ns or 0,
+                        sha256=result.sha256,
+                        now=self._clock(),
+                        grace=self.settings.corrupt_grace_seconds,
+                    )
+                    if verdict_ is CorruptVerdict.RECHECK_LATER:
+                        self._failures[rel] = first
+                        log.info(
+                            "file_recheck_scheduled",
+                            code=result.code,
+                            after_s=self.settings.corrupt_grace_seconds,
+                        )
+                        self.notice(rel, due=first.at + self.settings.corrupt_grace_seconds)
+                        return
+                self._failures.pop(rel, None)
+                self._quarantine_local(rel, seen, result)
+            case insp.Rejected():
+                if self._reported.get(rel) != result.reason:
+                    self._reported[rel] = result.reason
+                    log.warning("file_rejected", reason=result.reason)
+            case insp.Unreadable():
+                key = f"unreadable:{result.errno_name}"
+                if self._reported.get(rel) != key:
+                    self._reported[rel] = key
+                    log.warning("file_unreadable", errno=result.errno_name, detail=result.detail)
+            case insp.Vanished():
+                log.debug("file_vanished")
+            case insp.Changed():
+                self.notice(rel)
+
+    def _quarantine_local(self, rel: str, seen: Seen, refused: insp.Refused) -> None:
+        try:
+            placed = self._publisher.quarantine_input(
+                rel_path=rel,
+                sha256=refused.sha256,
+                size=refused.size,
+                identity=(refused.size, refused.mtime_ns, refused.inode, refused.device),
+                error={
+                    "status": refused.status,
+                    "code": refused.code,
+                    "detail": refused.detail,
+                    "source": "local",
+                },
+                attempts=0,
+                first_seen=seen.first_seen,
+                history=[],
+                spool=None,
+            )
+        except OSError as exc:
+            self._log.error("quarantine_failed", file=rel, error=str(exc))
+            return
+        if placed is None:
+            # The file changed or went away since it was checked: look again.
+            self.notice(rel)
+            return
+        self._queue.add_quarantined(
+            NewJob(
+                rel_path=rel,
+                sha256=refused.sha256 or "",
+                size=refused.size or 0,
+                mtime_ns=refused.mtime_ns or 0,
+                inode=refused.inode or 0,
+                device=refused.device or 0,
+                format="",
+                first_seen=seen.first_seen,
+            ),
+            {
+                "status": refused.status,
+                "code": refused.code,
+                "detail": refused.detail,
+                "source": "local",
+                "quarantined_as": placed,
+            },
+        )
+        self._log.warning(
+            "file_quarantined",
+            file=rel,
+            sha256=refused.sha256,
+            size=refused.size,
+            status=refused.status,
+            code=refused.code,
+            detail=refused.detail,
+            source="local",
+            attempt=0,
+            quarantined_as=placed,
+        )

@@ -1,0 +1,76 @@
+"""The result cache: the PNG the API returned for each input sha256, kept in ``state_dir``.
+
+The same content dropped again, under any name or folder, is published from here without
+a request. Bounded by ``result_cache_bytes``; the least recently used results go first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from dropcut.publish import COPY_CHUNK
+
+
+class ResultCache:
+    def __init__(self, directory: Path, *, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self._total = 0
+        for entry in os.scandir(directory):
+            if entry.name.endswith(".tmp"):
+                os.unlink(entry.path)  # a crash mid-store
+            elif entry.is_file(follow_symlinks=False):
+                self._total += entry.stat(follow_symlinks=False).st_size
+
+    def path(self, sha256: str) -> Path:
+        return self.directory / f"{sha256}.png"
+
+    def get(self, sha256: str) -> Path | None:
+        """The cached result, marked as used, or None."""
+        path = self.path(sha256)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return None
+        return path
+
+    def store(self, sha256: str, source: Path) -> None:
+        """Copy a finished, fsynced result into the cache (atomically), then evict."""
+        if self.max_bytes <= 0:
+            return
+        final = self.path(sha256)
+        tmp = self.directory / f"{sha256}.{os.getpid()}.tmp"
+        with source.open("rb") as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, COPY_CHUNK)
+            dst.flush()
+            os.fsync(dst.fileno())
+        size = tmp.stat().st_size
+        old = final.stat().st_size if final.exists() else 0
+        os.replace(tmp, final)
+        self._total += size - old
+        self.evict()
+
+    def evict(self) -> int:
+        """Remove least recently used results until the cache fits; returns how many."""
+        if self._total <= self.max_bytes:
+            return 0
+        entries = sorted(
+            (e.stat(follow_symlinks=False).st_mtime_ns, e.path, e.stat(follow_symlinks=False).st_size)
+            for e in os.scandir(self.directory)
+            if e.is_file(follow_symlinks=False) and e.name.endswith(".png")
+        )
+        removed = 0
+        for _, path, size in entries:
+            if self._total <= self.max_bytes:
+                break
+            os.unlink(path)
+            self._total -= size
+            removed += 1
+        return removed
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total

@@ -1,0 +1,215 @@
+"""``dropcut run | status | check | retry``.
+
+Exit codes: 0 success or clean stop; 1 unexpected failure; 2 bad configuration (systemd
+does not restart on it: ``RestartPreventExitStatus=2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dropcut import __version__
+from dropcut.paths import error_json_rel, numbered_candidates
+from dropcut.queue import JobQueue, connect
+from dropcut.settings import ConfigError, Settings, load_settings, startup_problems
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dropcut", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dropcut {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML configuration file (default: $DROPCUT_CONFIG); DROPCUT_* variables override it",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    status = sub.add_parser("status", parents=[common], help="jobs per state, pause, last error")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("check", parents=[common], help="validate and print the effective configuration")
+    retry = sub.add_parser("retry", parents=[common], help="put quarantined files back in the queue")
+    retry.add_argument("paths", nargs="*", type=Path, help="quarantined files (paths or inbox-relative)")
+    retry.add_argument("--all", action="store_true", help="every quarantined file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"dropcut: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    handler = {"run": _run, "status": _status, "check": _check, "retry": _retry}[args.command]
+    return handler(settings, args)
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    problems = startup_problems(settings)
+    if problems:
+        print(f"dropcut: cannot start: {'; '.join(problems)}", file=sys.stderr)
+        return EXIT_CONFIG
+    from dropcut.logs import configure
+    from dropcut.service import AlreadyRunning, Daemon
+
+    redactor = configure(settings.log_format or "json", settings.log_level)
+    daemon = Daemon(settings, config_path=args.config, redactor=redactor)
+    try:
+        daemon.run()
+    except (ConfigError, AlreadyRunning) as exc:
+        print(f"dropcut: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return daemon.exit_code
+
+
+def _check(settings: Settings, args: argparse.Namespace) -> int:
+    problems = startup_problems(settings)
+    print(json.dumps(settings.redacted(), indent=2))
+    for problem in problems:
+        print(f"dropcut: {problem}", file=sys.stderr)
+    if not problems:
+        print("dropcut: configuration OK", file=sys.stderr)
+    return EXIT_CONFIG if problems else EXIT_OK
+
+
+def status_report(settings: Settings) -> dict[str, Any]:
+    """What ``dropcut status`` shows, as data."""
+    db = settings.state_dir / "queue.sqlite3"
+    if not db.exists():
+        return {"database": str(db), "exists": False}
+    conn = connect(db, readonly=True)
+    try:
+        queue = JobQueue(conn)
+        counts = queue.counts()
+        paused = queue.get_meta("paused")
+        credit = queue.get_meta("credit")
+        row = conn.execute(
+            "SELECT rel_path, error, updated_at FROM jobs WHERE error IS NOT NULL "
+            "ORDER BY updated_at DESC LIMIT 1"
+        ).fetchone()
+    finally:
+        conn.close()
+    last_error = None
+    if row is not None:
+        last_error = {
+            "file": row["rel_path"],
+            "error": json.loads(row["error"]),
+            "at": _iso(row["updated_at"]),
+        }
+    return {
+        "database": str(db),
+        "exists": True,
+        "jobs": counts,
+        "paused": paused,
+        "credit": credit,
+        "last_error": last_error,
+    }
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        report = status_report(settings)
+    except sqlite3.Error as exc:
+        print(f"dropcut: cannot read the queue: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    if not report["exists"]:
+        print(f"no queue yet at {report['database']}")
+        return EXIT_OK
+    jobs = report["jobs"]
+    print("jobs:  " + "  ".join(f"{state} {n}" for state, n in jobs.items()))
+    paused = report["paused"]
+    if paused:
+        print(f"PAUSED since {_iso(paused.get('since'))}: {paused.get('code')} — {paused.get('detail')}")
+    else:
+        print("running (not paused)")
+    credit = report["credit"]
+    if credit:
+        print(
+            f"credit: {credit.get('credit')} (expires {credit.get('expiration_date')}, "
+            f"checked {_iso(credit.get('checked_at'))})"
+        )
+    last = report["last_error"]
+    if last:
+        err = last["error"]
+        print(f"last error: {last['file']}: {err.get('status')} {err.get('code')} — {err.get('detail')}")
+    return EXIT_OK
+
+
+def _relative(settings: Settings, path: Path) -> str:
+    full = Path(os.path.abspath(path))
+    for root in (settings.quarantine, settings.inbox):
+        if full.is_relative_to(root):
+            return str(PurePosixPath(*full.relative_to(root).parts))
+    return str(PurePosixPath(*path.parts))
+
+
+def _retry(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.all and not args.paths:
+        print("dropcut: retry needs PATH… or --all", file=sys.stderr)
+        return EXIT_CONFIG
+    db = settings.state_dir / "queue.sqlite3"
+    if not db.exists():
+        print("dropcut: no queue yet: nothing is quarantined", file=sys.stderr)
+        return EXIT_FAILURE
+    from dropcut.publish import move_in
+
+    queue = JobQueue.open(db)
+    failed = 0
+    try:
+        jobs = queue.quarantined_jobs()
+        if not args.all:
+            wanted = {_relative(settings, p) for p in args.paths}
+            jobs = [j for j in jobs if j.rel_path in wanted or _q_rel(queue, j.id) in wanted]
+            found = {j.rel_path for j in jobs} | {_q_rel(queue, j.id) for j in jobs}
+            for missing in sorted(wanted - found):
+                print(f"dropcut: {missing}: not quarantined", file=sys.stderr)
+                failed += 1
+        for job in jobs:
+            q_rel = _q_rel(queue, job.id) or job.rel_path
+            try:
+                back = move_in(settings.quarantine, q_rel, settings.inbox, numbered_candidates(job.rel_path))
+            except OSError as exc:
+                print(f"dropcut: {q_rel}: cannot move back: {exc.strerror}", file=sys.stderr)
+                failed += 1
+                continue
+            if back is None:
+                print(f"dropcut: {q_rel}: no longer in the quarantine folder", file=sys.stderr)
+                failed += 1
+                continue
+            (settings.quarantine / error_json_rel(q_rel)).unlink(missing_ok=True)
+            queue.forget(job.id)
+            print(f"requeued {q_rel} -> inbox/{back}")
+    finally:
+        queue.close()
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _q_rel(queue: JobQueue, job_id: int) -> str | None:
+    error = queue.job_error(job_id)
+    value = error.get("quarantined_as") if error else None
+    return str(value) if value else None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,392 @@
+"""Dispatch: queue → pace → send → judge → publish, for up to ``max_in_flight`` jobs.
+
+Claims due jobs from the queue, publishes from the result cache when the same content
+was done before, otherwise waits for a rate-limit slot, sends, and acts on the judge's
+decision. Also owns the account state: a paused queue (401/402/403, disk full) and the
+``/available-credit`` checks that resume it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import structlog
+
+from dropcut.cache import ResultCache
+from dropcut.client import WithoutBG
+from dropcut.judge import Pause, Publish, Refuse, Retry, RetryPolicy, judge
+from dropcut.pace import Pacer
+from dropcut.paths import Layout, output_candidates, output_key
+from dropcut.publish import Publisher, new_staging_file
+from dropcut.queue import Job, JobQueue
+from dropcut.settings import Settings
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_CHECK_SECONDS = 5.0
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=settings.max_attempts,
+        base_delay=settings.retry_base_delay_seconds,
+        max_delay=settings.retry_max_delay_seconds,
+    )
+
+
+def space_needed(size: int) -> int:
+    """Free bytes wanted on the outbox before a request is spent on a file of ``size``:
+    an RGBA PNG can be several times its JPEG input."""
+    return 8 * size + 16 * 1024 * 1024
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        layout: Layout,
+        queue: JobQueue,
+        client: WithoutBG,
+        pacer: Pacer,
+        publisher: Publisher,
+        cache: ResultCache,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self._layout = layout
+        self._queue = queue
+        self._client = client
+        self._pacer = pacer
+        self._publisher = publisher
+        self._cache = cache
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._credit_wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._hold_until = 0.0
+        self._low_credit = False
+        self._log = structlog.get_logger()
+        self.last_credit: int | None = None
+        paused = queue.get_meta("paused")
+        self._paused: dict[str, Any] | None = paused if isinstance(paused, dict) else None
+
+    # --- control -----------------------------------------------------------------------
+
+    def apply(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pacer.reconfigure(limit=settings.rate_limit_requests, period=settings.rate_limit_period_seconds)
+        self._credit_wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def paused(self) -> dict[str, Any] | None:
+        """Why the queue is paused (persisted across restarts), or None."""
+        return self._paused
+
+    def _pause(self, *, code: str, status: int | None, detail: str) -> None:
+        if self._paused is None:
+            self._paused = {"code": code, "status": status, "detail": detail, "since": self._clock()}
+            self._queue.set_meta("paused", self._paused)
+            self._log.error("queue_paused", code=code, status=status, detail=detail)
+
+    def _resume(self, why: str) -> None:
+        was = self._paused
+        if was is not None:
+            self._paused = None
+            self._queue.set_meta("paused", None)
+            self._log.info("queue_resumed", reason=why, paused_code=was.get("code"))
+            self.wake()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Claim and start jobs until :meth:`stop`."""
+        while not self._stopping:
+            self._wake.clear()
+            now = self._clock()
+            if (
+                self.paused is not None
+                or now < self._hold_until
+                or self.in_flight >= self.settings.max_in_flight
+            ):
+                await self._sleep(max(0.0, self._hold_until - now) if now < self._hold_until else None)
+                continue
+            job = self._queue.claim()
+            if job is None:
+                due = self._queue.next_due()
+                await self._sleep(None if due is None else max(0.0, due - self._clock()))
+                continue
+            task = asyncio.create_task(self._process(job), name=f"job-{job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("job_crashed", exc_info=task.exception())
+        self.wake()
+
+    async def _sleep(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout if timeout is not None else 30.0)
+        except TimeoutError:
+            pass
+
+    async def stop(self, grace: float) -> int:
+        """Stop claiming; let in-flight requests finish for ``grace`` seconds, then cancel
+        the rest (their jobs go back to the queue). Returns how many were cancelled."""
+        self._stopping = True
+        self.wake()
+        if not self._tasks:
+            return 0
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+        return len(pending)
+
+    # --- one job --------------------------------------------------------------------------
+
+    async def _process(self, job: Job) -> None:
+        log = self._log.bind(file=job.rel_path, sha256=job.sha256, size=job.size)
+        try:
+            cached = self._cache.get(job.sha256)
+            if cached is not None:
+                log.info("result_reused")
+                staged = await asyncio.to_thread(self._copy_to_outbox_staging, cached)
+                self._publish(job, staged, log, from_cache=True)
+                return
+            spool = self._layout.spool_file(job.sha256)
+            if not spool.exists():
+                # The validated bytes are gone (state folder tampered with): forget the
+                # job so the next rescan admits the file afresh.
+                log.error("spool_missing")
+                self._queue.forget(job.id)
+                return
+            if not self._enough_space(job):
+                self._queue.release(job.id)
+                self._pause(
+                    code="disk_full", status=None, detail=f"little free space on {self._layout.outbox}"
+                )
+                return
+            await self._send(job, spool, log)
+        except asyncio.CancelledError:
+            self._queue.release(job.id)
+            log.info("job_requeued", reason="shutdown")
+            raise
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                self._queue.release(job.id)
+                self._pause(code="disk_full", status=None, detail=f"{exc.strerror}: {exc.filename}")
+                self._log.error("disk_full", file=job.rel_path, path=str(exc.filename))
+                return
+            self._queue.release(job.id)
+            log.exception("job_failed")
+            self._hold_until = max(self._hold_until, self._clock() + 5.0)
+
+    def _enough_space(self, job: Job) -> bool:
+        try:
+            usage = shutil.disk_usage(self._layout.outbox)
+        except OSError:
+            return True
+        return usage.free >= space_needed(job.size)
+
+    def _copy_to_outbox_staging(self, source: Any) -> Any:
+        from dropcut.publish import copy_to_staging
+
+        return copy_to_staging(source, self._layout.outbox)
+
+    async def _send(self, job: Job, spool: Any, log: Any) -> None:
+        staged = new_staging_file(self._layout.outbox)
+        handed_over = False
+        try:
+            async with self._pacer.slot() as handle:
+                attempt = self._queue.record_attempt(job.id)
+                log.info("upload_started", attempt=attempt)
+                started = time.monotonic()
+                outcome = await self._client.remove_background(
+                    spool,
+                    filename=PurePosixPath(job.rel_path).name,
+                    image_format=job.format,
+                    dest=staged,
+                    on_sent=handle.mark_sent,
+                )
+            duration_ms = round((time.monotonic() - started) * 1000)
+            decision = judge(
+                outcome,
+                attempt=attempt,
+                policy=retry_policy(self.settings),
+                now=datetime.now(UTC),
+                jitter=self._rng.random(),
+            )
+            entry = {
+                "attempt": attempt,
+                "at": self._clock(),
+                "status": outcome.status,
+                "detail": outcome.detail,
+                "transport_error": outcome.transport_error.value if outcome.transport_error else None,
+                "body_problem": outcome.body_problem.value if outcome.body_problem else None,
+                "duration_ms": duration_ms,
+            }
+            match decision:
+                case Publish():
+                    log.info("upload_succeeded", attempt=attempt, status=200, duration_ms=duration_ms)
+                    self._cache.store(job.sha256, staged)
+                    handed_over = True
+                    self._publish(job, staged, log, from_cache=False, entry=entry)
+                case Retry():
+                    if decision.code == "rate_limited":
+                        self._hold_until = max(self._hold_until, self._clock() + decision.delay)
+                    self._queue.retry_later(job.id, at=self._clock() + decision.delay, entry=entry)
+                    log.warning(
+                        "retry_scheduled",
+                        attempt=attempt,
+                        status=outcome.status,
+                        code=decision.code,
+                        detail=decision.detail,
+                        delay_s=round(decision.delay, 2),
+                        duration_ms=duration_ms,
+                    )
+                case Refuse():
+                    self._quarantine(job, decision, entry, attempt, log)
+                case Pause():
+                    self._queue.retry_later(job.id, at=self._clock(), entry=entry, count_attempt=False)
+                    self._pause(code=decision.code, status=decision.status, detail=decision.detail)
+        finally:
+            if not handed_over:
+                staged.unlink(missing_ok=True)
+
+    # --- finishing ---------------------------------------------------------------------
+
+    def _publish(
+        self, job: Job, staged: Any, log: Any, *, from_cache: bool, entry: dict[str, Any] | None = None
+    ) -> None:
+        out_rel = self._queue.claim_output(job.rel_path, output_candidates(job.rel_path), output_key)
+        self._publisher.place_output(staged, out_rel)
+        self._queue.mark_published(
+            job.id, out_rel, entry or {"at": self._clock(), "status": 200, "cached": True}
+        )
+        log.info("output_written", output=out_rel, cached=from_cache)
+        self.finish_published(job, out_rel)
+
+    def finish_published(self, job: Job, out_rel: str | None = None) -> None:
+        """Move the input away after its output is durable (also used at start-up)."""
+        identity = (job.size, job.mtime_ns, job.inode, job.device)
+        what = self._publisher.dispose_input(job.rel_path, identity, sha256=job.sha256)
+        self._queue.mark_done(job.id)
+        self._drop_spool(job.sha256)
+        self._log.info("input_disposed", file=job.rel_path, sha256=job.sha256, result=what)
+
+    def _quarantine(self, job: Job, decision: Refuse, entry: dict[str, Any], attempt: int, log: Any) -> None:
+        error = {"status": decision.status, "code": decision.code, "detail": decision.detail, "source": "api"}
+        history = [*job.history, entry]
+        placed = self._publisher.quarantine_input(
+            rel_path=job.rel_path,
+            sha256=job.sha256,
+            size=job.size,
+            identity=(job.size, job.mtime_ns, job.inode, job.device),
+            error=error,
+            attempts=attempt,
+            first_seen=job.first_seen,
+            history=history,
+            spool=self._layout.spool_file(job.sha256),
+        )
+        self._queue.mark_quarantined(job.id, {**error, "quarantined_as": placed}, entry=entry)
+        self._drop_spool(job.sha256)
+        log.warning(
+            "file_quarantined",
+            status=decision.status,
+            code=decision.code,
+            detail=decision.detail,
+            attempt=attempt,
+            quarantined_as=placed,
+            source="api",
+        )
+
+    def _drop_spool(self, sha256: str) -> None:
+        if not self._queue.sha_still_needed(sha256):
+            try:
+                os.unlink(self._layout.spool_file(sha256))
+            except FileNotFoundError:
+                pass
+
+    # --- account ---------------------------------------------------------------------------
+
+    async def credit_loop(self) -> None:
+        """Check ``/available-credit`` at start and every interval; resume a pause the
+        account no longer justifies."""
+        while not self._stopping:
+            await self.check_credit()
+            self._credit_wake.clear()
+            interval = self.settings.credit_check_interval_seconds
+            paused = self.paused
+            if paused is not None and paused.get("code") == "disk_full":
+                interval = min(interval, DISK_CHECK_SECONDS)
+            try:
+                await asyncio.wait_for(self._credit_wake.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
+    async def check_credit(self) -> None:
+        paused = self.paused
+        if paused is not None and paused.get("code") == "disk_full":
+            usage = shutil.disk_usage(self._layout.outbox)
+            if usage.free >= space_needed(self.settings.max_file_bytes):
+                self._resume("disk_space_available")
+            return
+        credit = await self._client.available_credit()
+        if credit.outcome is not None:
+            o = credit.outcome
+            self._log.warning(
+                "credit_check_failed",
+                status=o.status,
+                detail=o.detail,
+                transport_error=o.transport_error.value if o.transport_error else None,
+            )
+            return
+        self.last_credit = credit.credit
+        self._queue.set_meta(
+            "credit",
+            {"credit": credit.credit, "expiration_date": credit.expiration_date, "checked_at": self._clock()},
+        )
+        self._log.info("credit_checked", credit=credit.credit, expiration_date=credit.expiration_date)
+        low = (credit.credit or 0) < self.settings.credit_warn_below
+        if low and not self._low_credit:
+            self._log.warning("credit_low", credit=credit.credit, warn_below=self.settings.credit_warn_below)
+        self._low_credit = low
+        if paused is not None and credit.usable and not _expired(credit.expiration_date, self._clock()):
+            self._resume("account_usable")
+
+
+def _expired(expiration: str | None, now: float) -> bool:
+    if not expiration:
+        return False
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
+        try:
+            when = datetime.strptime(expiration, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if fmt == "%Y-%m-%d":
+            return when.timestamp() + 86400 <= now
+        return when.timestamp() <= now
+    return False

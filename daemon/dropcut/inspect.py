@@ -1,0 +1,629 @@
+"""Inspect: open an inbox file safely, copy it to the spool while hashing, validate it.
+
+This is the only module that opens files in the inbox.  Security model: anyone who can
+write to the inbox must not be able to make dropcut read anything outside it.
+
+* Every path is walked component by component from a directory fd of the inbox, each
+  directory opened with ``O_NOFOLLOW | O_DIRECTORY`` relative to its parent, the file with
+  ``O_NOFOLLOW``; a symbolic link at any depth is rejected and its target never opened.
+  (The inbox directory itself is configured by the administrator and may be a link.)
+* The entry is ``lstat``-ed before it is opened so FIFOs, sockets and devices are not even
+  opened; the file is opened with ``O_NONBLOCK | O_NOCTTY`` anyway (a FIFO swapped in
+  between cannot block us, a tty cannot become our terminal) and the ``fstat`` of what was
+  actually opened is authoritative: only ``S_ISREG`` with ``st_nlink == 1`` is read
+  (a hard link could point outside the inbox).
+* The bytes that will be uploaded are the bytes that were validated and hashed: one read
+  pass copies the file into ``spool_dir`` while computing its sha256; the caller uploads
+  ``spool_dir/<sha256>``, never the inbox file.  If the source's size or mtime changed
+  during the read the result is :class:`Changed`.
+
+Results are returned, not raised.  Only programming errors (a malformed ``rel_path``) and
+failures on the daemon's own spool disk (``ENOSPC``, a missing ``spool_dir``...) raise.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import hashlib
+import os
+import stat
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from PIL import Image
+
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "Changed",
+    "Inspected",
+    "Inspection",
+    "RefusalCode",
+    "Refused",
+    "RejectReason",
+    "Rejected",
+    "Unreadable",
+    "Vanished",
+    "describe_content",
+    "file_identity_matches",
+    "inspect_file",
+    "open_dir_nofollow",
+    "sniff_format",
+    "stat_entry",
+]
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+"""What the API accepts, as returned by :func:`sniff_format` and in ``Inspected.format``."""
+
+# Pillow format names that belong to each sniffed family (a multi-picture JPEG opens as MPO).
+_PILLOW_FAMILY: dict[str, frozenset[str]] = {
+    "JPEG": frozenset({"JPEG", "MPO"}),
+    "PNG": frozenset({"PNG"}),
+    "WEBP": frozenset({"WEBP"}),
+    "TIFF": frozenset({"TIFF"}),
+    "BMP": frozenset({"BMP"}),
+    "GIF": frozenset({"GIF"}),
+}
+
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+_CHUNK = 1 << 20
+_HEAD = 64
+_VANISHED_ERRNOS = (errno.ENOENT, errno.ESTALE)
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------
+
+
+class RejectReason(StrEnum):
+    SYMBOLIC_LINK = "symbolic_link"
+    HARD_LINK = "hard_link"
+    NOT_REGULAR_FILE = "not_regular_file"
+
+
+class RefusalCode(StrEnum):
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    CORRUPT_IMAGE = "corrupt_image"
+    TOO_MANY_PIXELS = "too_many_pixels"
+
+
+@dataclass(frozen=True, slots=True)
+class Inspected:
+    """A valid image; its exact bytes (sha256) are in ``spool_path`` ready to upload.
+    ``width``/``height`` are the stored pixel dimensions (EXIF orientation not applied)."""
+
+    rel_path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+    format: str
+    width: int
+    height: int
+    spool_path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The file was read but the API would refuse it (``status`` is the HTTP status the
+    API answers with); it belongs in quarantine.  No spool file is left behind."""
+
+    rel_path: str
+    status: int
+    code: str
+    detail: str
+    sha256: str | None
+    size: int | None
+    mtime_ns: int | None
+    inode: int | None
+    device: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Not something dropcut reads (a :class:`RejectReason`); left where it is."""
+
+    rel_path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """An error that may go away (EACCES, EPERM, EBUSY, EIO, EAGAIN from a lease...)."""
+
+    rel_path: str
+    errno_name: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Vanished:
+    rel_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """Size or mtime changed while the file was read: let it settle again."""
+
+    rel_path: str
+
+
+Inspection = Inspected | Refused | Rejected | Unreadable | Vanished | Changed
+
+
+# ---------------------------------------------------------------------------------------
+# Content sniffing (pure)
+# ---------------------------------------------------------------------------------------
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The supported image format the leading bytes announce, or None.
+
+    Same rules as the API: JPEG ``FF D8 FF``; PNG signature; ``RIFF....WEBP``;
+    TIFF ``II*\\0``/``MM\\0*``; BMP ``BM``; GIF ``GIF87a``/``GIF89a``.
+    """
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_MP4_BRANDS = frozenset(
+    {b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"M4V ", b"dash", b"avc1"}
+)
+_PREFIXES: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF-", "PDF document"),
+    (b"PK\x03\x04", "ZIP archive"),
+    (b"PK\x05\x06", "ZIP archive"),
+    (b"PK\x07\x08", "ZIP archive"),
+    (b"\x1f\x8b", "gzip archive"),
+    (b"Rar!\x1a\x07", "RAR archive"),
+    (b"7z\xbc\xaf\x27\x1c", "7z archive"),
+    (b"8BPS", "Photoshop document"),
+    (b"II+\x00", "BigTIFF"),
+    (b"MM\x00+", "BigTIFF"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"\x00\x00\x01\x00", "ICO icon"),
+    (b"{\\rtf", "RTF document"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "MS Office document"),
+)
+
+
+def describe_content(head: bytes) -> str:
+    """A human name for what the leading bytes look like, for refusal details:
+    a supported format's name, e.g. "PDF document", "HEIC", "ZIP archive", "text",
+    or "unknown"."""
+    sniffed = sniff_format(head)
+    if sniffed is not None:
+        return sniffed
+    if not head:
+        return "empty"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _HEIF_BRANDS:
+            return "HEIC"
+        if brand in _AVIF_BRANDS:
+            return "AVIF"
+        if brand == b"qt  ":
+            return "QuickTime video"
+        if brand.startswith(b"crx"):
+            return "Canon CR3 raw"
+        if brand in _MP4_BRANDS or brand.startswith(b"3gp"):
+            return "MP4 video"
+        return "ISO media (ftyp " + brand.decode("ascii", "replace").strip() + ")"
+    for prefix, name in _PREFIXES:
+        if head.startswith(prefix):
+            return name
+    if head[:4] == b"RIFF":
+        return "RIFF container (" + head[8:12].decode("ascii", "replace").strip() + ")"
+    if b"\x00" not in head:
+        try:
+            text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            return "unknown"
+        stripped = text.lstrip("\ufeff \t\r\n").lower()
+        if stripped.startswith("<svg") or (stripped.startswith("<?xml") and "<svg" in stripped):
+            return "SVG image"
+        if stripped.startswith(("<!doctype html", "<html")):
+            return "HTML document"
+        if stripped.startswith("<?xml"):
+            return "XML document"
+        return "text"
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# Walking without following links
+# ---------------------------------------------------------------------------------------
+
+
+class _ComponentError(OSError):
+    """Opening one directory component failed; carries that component's own lstat."""
+
+    def __init__(self, err: OSError, component: str, lstat: os.stat_result | None) -> None:
+        super().__init__(err.errno, err.strerror, component)
+        self.lstat = lstat
+
+
+def _split(rel_path: str) -> list[str]:
+    """The components of ``rel_path``; a caller bug (ValueError) if it could escape the
+    inbox or is not a plain relative path."""
+    parts = rel_path.split("/")
+    if "\x00" in rel_path or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"not a plain relative path below the inbox: {rel_path!r}")
+    return parts
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _walk(root: Path, parts: Sequence[str]) -> int:
+    """An fd of ``root/parts...``, every component opened with O_NOFOLLOW relative to its
+    parent.  A failing component raises :class:`_ComponentError` (an OSError)."""
+    fd = os.open(root, _ROOT_FLAGS)
+    try:
+        for name in parts:
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as err:
+                raise _ComponentError(err, name, _lstat_at(fd, name)) from err
+            parent, fd = fd, child
+            os.close(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_dir_nofollow(root: Path, rel_dir: str) -> int:
+    """An ``O_RDONLY | O_DIRECTORY`` fd of ``root/rel_dir`` (``""`` or ``"."`` is ``root``
+    itself), walking component by component with ``O_NOFOLLOW``.  Raises OSError: a
+    symbolic link gives ELOOP or ENOTDIR, a missing component ENOENT.  The caller closes
+    the fd."""
+    parts = [] if rel_dir in ("", ".") else _split(rel_dir.rstrip("/"))
+    return _walk(root, parts)
+
+
+def _is_link(st: os.stat_result | None) -> bool:
+    return st is not None and stat.S_ISLNK(st.st_mode)
+
+
+def stat_entry(inbox: Path, rel_path: str) -> os.stat_result | None:
+    """lstat of ``inbox/rel_path`` without following any link (for settle observations).
+
+    None if it does not exist (or a directory component is now a file).  A symbolic link
+    is not an error: if the entry, or one of its directory components, is a link, that
+    link's own lstat is returned (stable; :func:`inspect_file` will then reject it).
+    Other errors (EACCES, EIO...) raise OSError.
+    """
+    parts = _split(rel_path)
+    try:
+        dir_fd = _walk(inbox, parts[:-1])
+    except _ComponentError as err:
+        if _is_link(err.lstat):
+            return err.lstat
+        if err.errno in (*_VANISHED_ERRNOS, errno.ENOTDIR):
+            return None
+        raise
+    except OSError as err:
+        if err.errno in _VANISHED_ERRNOS:
+            return None
+        raise
+    try:
+        return os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (*_VANISHED_ERRNOS, errno.ENOTDIR):
+            return None
+        raise
+    finally:
+        os.close(dir_fd)
+
+
+def file_identity_matches(
+    inbox: Path, rel_path: str, *, size: int, mtime_ns: int, inode: int, device: int
+) -> bool:
+    """True only if ``inbox/rel_path`` is still the very regular file that was inspected
+    (same device, inode, size and mtime), checked without following links.  Any doubt
+    (vanished, a link, an error) is False: then the entry must not be archived."""
+    try:
+        st = stat_entry(inbox, rel_path)
+    except OSError:
+        return False
+    return (
+        st is not None
+        and stat.S_ISREG(st.st_mode)
+        and st.st_size == size
+        and st.st_mtime_ns == mtime_ns
+        and st.st_ino == inode
+        and st.st_dev == device
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# inspect_file
+# ---------------------------------------------------------------------------------------
+
+
+def _errno_name(err: OSError) -> str:
+    if err.errno is None:
+        return "UNKNOWN"
+    return errno.errorcode.get(err.errno, f"E{err.errno}")
+
+
+def _unreadable(rel_path: str, err: OSError) -> Unreadable:
+    return Unreadable(rel_path, _errno_name(err), err.strerror or str(err))
+
+
+def _classify_open_error(rel_path: str, err: OSError, lst: os.stat_result | None) -> Inspection:
+    """Map a failure to open a component (directory or the file) to a result; ``lst`` is
+    that component's own lstat taken just after the failure."""
+    if _is_link(lst):
+        return Rejected(rel_path, RejectReason.SYMBOLIC_LINK)
+    if err.errno in _VANISHED_ERRNOS:
+        return Vanished(rel_path)
+    if lst is None and err.errno in (errno.ENOTDIR, errno.ELOOP):
+        return Vanished(rel_path)
+    if err.errno == errno.ENOTDIR and lst is not None and not stat.S_ISDIR(lst.st_mode):
+        return Vanished(rel_path)  # a directory component is now a file: no such path
+    if lst is not None and not stat.S_ISREG(lst.st_mode) and not stat.S_ISDIR(lst.st_mode):
+        return Rejected(rel_path, RejectReason.NOT_REGULAR_FILE)  # e.g. ENXIO for a socket
+    return _unreadable(rel_path, err)
+
+
+def _reject_kind(st: os.stat_result) -> RejectReason | None:
+    if stat.S_ISLNK(st.st_mode):
+        return RejectReason.SYMBOLIC_LINK
+    if not stat.S_ISREG(st.st_mode):
+        return RejectReason.NOT_REGULAR_FILE
+    if st.st_nlink > 1:
+        return RejectReason.HARD_LINK
+    return None
+
+
+def inspect_file(inbox: Path, rel_path: str, *, spool_dir: Path, max_bytes: int) -> Inspection:
+    """Open ``inbox/rel_path`` without following links, copy it to ``spool_dir`` while
+    hashing, and validate it (empty, too large, format by content, full decode).
+
+    On :class:`Inspected` the file's bytes are in ``spool_dir/<sha256>``; in every other
+    case no spool file is left behind.  Raises ValueError for a ``rel_path`` that is not
+    a plain relative path, and OSError for failures on the spool side only.
+    """
+    parts = _split(rel_path)
+    try:
+        dir_fd = _walk(inbox, parts[:-1])
+    except _ComponentError as err:
+        return _classify_open_error(rel_path, err, err.lstat)
+    except OSError as err:  # the inbox itself
+        if err.errno in _VANISHED_ERRNOS:
+            return Vanished(rel_path)
+        return _unreadable(rel_path, err)
+    try:
+        return _inspect_in(dir_fd, parts[-1], rel_path, spool_dir, max_bytes)
+    finally:
+        os.close(dir_fd)
+
+
+def _inspect_in(
+    dir_fd: int, name: str, rel_path: str, spool_dir: Path, max_bytes: int
+) -> Inspection:
+    # Look before opening, so FIFOs, sockets, devices and links are never opened at all.
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as err:
+        return _classify_open_error(rel_path, err, None)
+    kind = _reject_kind(before)
+    if kind is not None:
+        return Rejected(rel_path, kind)
+
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as err:
+        return _classify_open_error(rel_path, err, _lstat_at(dir_fd, name))
+    try:
+        st = os.fstat(fd)  # what was really opened is what counts
+        kind = _reject_kind(st)
+        if kind is not None:
+            return Rejected(rel_path, kind)
+        return _read_and_validate(fd, st, rel_path, spool_dir, max_bytes)
+    finally:
+        os.close(fd)
+
+
+def _read_and_validate(
+    fd: int, st: os.stat_result, rel_path: str, spool_dir: Path, max_bytes: int
+) -> Inspection:
+    digest = hashlib.sha256()
+    head = b""
+    total = 0
+    tmp_path: Path | None = None
+    out_fd = -1
+    if st.st_size <= max_bytes:
+        out_fd, tmp_name = tempfile.mkstemp(dir=spool_dir, prefix=".spool-", suffix=".tmp")
+        tmp_path = Path(tmp_name)
+    try:
+        # One pass: hash everything, copy to the spool only while within max_bytes.
+        while True:
+            try:
+                chunk = os.read(fd, _CHUNK)
+            except OSError as err:
+                if err.errno in _VANISHED_ERRNOS:
+                    return Vanished(rel_path)
+                return _unreadable(rel_path, err)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > st.st_size:
+                return Changed(rel_path)  # growing while we read: don't chase it
+            digest.update(chunk)
+            if len(head) < _HEAD:
+                head += chunk[: _HEAD - len(head)]
+            if out_fd >= 0:
+                _write_all(out_fd, chunk)
+        try:
+            after = os.fstat(fd)
+        except OSError as err:
+            return _unreadable(rel_path, err)
+        if (
+            total != st.st_size
+            or after.st_size != st.st_size
+            or after.st_mtime_ns != st.st_mtime_ns
+        ):
+            return Changed(rel_path)
+
+        sha256 = digest.hexdigest()
+
+        def refuse(status: int, code: RefusalCode, detail: str) -> Refused:
+            return Refused(
+                rel_path, status, code, detail, sha256, total, st.st_mtime_ns, st.st_ino, st.st_dev
+            )
+
+        if total == 0:
+            return refuse(422, RefusalCode.EMPTY, "the file is empty (0 bytes)")
+        if total > max_bytes or tmp_path is None:
+            return refuse(
+                413,
+                RefusalCode.TOO_LARGE,
+                f"the file is {total} bytes, over the limit of {max_bytes} bytes",
+            )
+        fmt = sniff_format(head)
+        if fmt is None:
+            return refuse(
+                415,
+                RefusalCode.UNSUPPORTED_FORMAT,
+                f"not a JPEG, PNG, WebP, TIFF, BMP or GIF image "
+                f"(content looks like: {describe_content(head)})",
+            )
+
+        os.fsync(out_fd)
+        os.close(out_fd)
+        out_fd = -1
+        decoded = _decode(tmp_path, fmt)
+        if isinstance(decoded, _DecodeFailure):
+            return refuse(decoded.status, decoded.code, decoded.detail)
+        width, height = decoded
+
+        spool_path = spool_dir / sha256
+        _finalize_spool(tmp_path, spool_path, sha256, total)
+        tmp_path = None
+        return Inspected(
+            rel_path=rel_path,
+            sha256=sha256,
+            size=total,
+            mtime_ns=st.st_mtime_ns,
+            inode=st.st_ino,
+            device=st.st_dev,
+            format=fmt,
+            width=width,
+            height=height,
+            spool_path=spool_path,
+        )
+    finally:
+        if out_fd >= 0:
+            os.close(out_fd)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeFailure:
+    status: int
+    code: RefusalCode
+    detail: str
+
+
+def _decode(path: Path, fmt: str) -> tuple[int, int] | _DecodeFailure:
+    """(width, height) if ``path`` decodes completely as the sniffed family ``fmt``."""
+    try:
+        # A DecompressionBombWarning must not become an error (e.g. under -W error): only
+        # Pillow's DecompressionBombError (twice the warning limit) refuses the image.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with path.open("rb") as fp, Image.open(fp, formats=SUPPORTED_FORMATS) as img:
+                family = _PILLOW_FAMILY[fmt]
+                if img.format not in family:
+                    return _DecodeFailure(
+                        415,
+                        RefusalCode.UNSUPPORTED_FORMAT,
+                        f"content starts like {fmt} but decodes as {img.format}",
+                    )
+                width, height = img.size
+                if fmt == "JPEG":
+                    # Decode at 1/8 scale (1/64 of the memory); libjpeg still parses the
+                    # whole entropy-coded stream, so truncation is still detected.
+                    img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                img.load()  # the first frame is enough for animations and multi-page TIFF
+    except Image.DecompressionBombError as err:
+        return _DecodeFailure(422, RefusalCode.TOO_MANY_PIXELS, str(err))
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
+        message = str(err) or type(err).__name__
+        return _DecodeFailure(422, RefusalCode.CORRUPT_IMAGE, f"cannot decode as {fmt}: {message}")
+    return width, height
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fp:
+        while chunk := fp.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _finalize_spool(tmp_path: Path, spool_path: Path, sha256: str, size: int) -> None:
+    """Move the fsync'ed temp file to ``spool_dir/<sha256>``; if that already holds the
+    same bytes, keep it (someone may be uploading it) and drop the temp file."""
+    try:
+        existing = os.stat(spool_path, follow_symlinks=False)
+    except FileNotFoundError:
+        existing = None
+    if (
+        existing is not None
+        and stat.S_ISREG(existing.st_mode)
+        and existing.st_size == size
+        and _sha256_of(spool_path) == sha256
+    ):
+        tmp_path.unlink()
+        return
+    os.replace(tmp_path, spool_path)
+    dir_fd = os.open(spool_path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,153 @@
+"""structlog set-up: one processor chain for our events and everybody else's.
+
+Our events are named (``file_admitted``, ``upload_started``…) with fields bound, never
+sentences. Records from the standard ``logging`` module (httpx, watchdog), Python warnings
+and uncaught exceptions are turned into events of the same chain, so with
+``log_format=json`` every line the process writes is one JSON object with ``event`` and
+``timestamp``. The redactor removes secrets (the API key) from every value.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable, MutableMapping
+from types import TracebackType
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "[redacted]"
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class Redactor:
+    """A processor that replaces every occurrence of a secret in string values."""
+
+    def __init__(self) -> None:
+        self._secrets: tuple[str, ...] = ()
+
+    def set_secrets(self, *secrets: str | None) -> None:
+        self._secrets = tuple(s for s in secrets if s and len(s) >= 4)
+
+    def scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self._secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {k: self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.scrub(v) for v in value)
+        return value
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+        if not self._secrets:
+            return event_dict
+        return {k: self.scrub(v) for k, v in event_dict.items()}
+
+
+class _StdlibBridge(logging.Handler):
+    """Feeds records of other libraries into the structlog chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._log = structlog.get_logger("dropcut.stdlib")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["exc_info"] = record.exc_info
+            event = "python_warning" if record.name == "py.warnings" else "library_log"
+            level = logging.getLevelName(record.levelno).lower()
+            level = level if level in ("debug", "info", "warning", "error", "critical") else "info"
+            getattr(self._log, level)(event, message=record.getMessage(), **fields)
+        except Exception:  # never let logging kill the caller
+            self.handleError(record)
+
+
+def _add_logger_name(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    event_dict.setdefault("logger", "dropcut")
+    return event_dict
+
+
+def configure(
+    log_format: str,
+    level: str = "info",
+    *,
+    stream: TextIO | None = None,
+    redactor: Redactor | None = None,
+) -> Redactor:
+    """Configure structlog, stdlib logging, warnings and excepthooks. Returns the redactor
+    (the daemon gives it the API key, again after a reload)."""
+    redactor = redactor or Redactor()
+    out = stream or sys.stderr
+    renderer: Processor
+    if log_format == "json":
+        renderer = structlog.processors.JSONRenderer(sort_keys=False, default=str)
+    elif log_format == "journal":
+        from dropcut.systemd import JournalRenderer
+
+        renderer = JournalRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info if log_format != "console" else _noop,
+        redactor,
+        renderer,
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StdlibBridge):
+            root.removeHandler(handler)
+    root.addHandler(_StdlibBridge())
+    root.setLevel(max(LEVELS[level], logging.INFO))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread_crash
+    return redactor
+
+
+def _noop(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    return event_dict
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    structlog.get_logger().critical("daemon_crashed", exc_info=(exc_type, exc, tb))
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    name = args.thread.name if args.thread else "?"
+    if args.exc_value is None:
+        return
+    structlog.get_logger().error(
+        "thread_crashed",
+        thread=name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
+def bind(**fields: Any) -> structlog.typing.FilteringBoundLogger:
+    """A logger with fields bound (the file's identity, typically)."""
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(**fields)
+    return logger
+
+
+Binder = Callable[..., MutableMapping[str, Any]]

@@ -1,0 +1,339 @@
+"""Atomic writes and moves into outbox, archive and quarantine.
+
+Rules that hold for every function here:
+- nothing appears under a final name unless it is complete and fsynced: files are finished
+  in ``<root>/.dropcut-staging/`` (same file system as the final name) and renamed;
+- nothing is overwritten by accident: moves pick a free name (``name~2.ext``…), only an
+  output of the same input is replaced (atomically, by rename);
+- links are never followed: folders are walked one component at a time with
+  ``O_NOFOLLOW`` relative to a directory handle, and renames work on those handles;
+- a move to another file system copies, fsyncs, renames, and only then unlinks the
+  source, so a crash leaves the file in one place or in both, never in none.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dropcut.inspect import file_identity_matches, open_dir_nofollow
+from dropcut.paths import STAGING_DIR, Layout, error_json_rel, numbered_candidates
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+COPY_CHUNK = 1024 * 1024
+
+
+@contextmanager
+def _dir(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def make_dirs(root: Path, rel_dir: str) -> int:
+    """Create ``root/rel_dir`` as needed without following links; return its fd."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, DIR_FLAGS)
+    try:
+        for part in PurePosixPath(rel_dir).parts:
+            if part in ("", "."):
+                continue
+            if part == "..":
+                raise OSError(errno.EINVAL, "'..' in a relative path", rel_dir)
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def staging_dir(root: Path) -> Path:
+    path = root / STAGING_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_staging_file(root: Path, suffix: str = ".part") -> Path:
+    """A fresh, unused name in ``root``'s staging folder."""
+    return staging_dir(root) / f"{secrets.token_hex(8)}{suffix}"
+
+
+def clean_staging(root: Path) -> int:
+    """Remove what a crash left in ``root``'s staging folder; returns how many."""
+    path = root / STAGING_DIR
+    removed = 0
+    if not path.is_dir() or path.is_symlink():
+        return 0
+    for entry in os.scandir(path):
+        if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+def fsync_dir(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some network file systems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def place(staged: Path, root: Path, rel_path: str) -> None:
+    """Rename a finished staging file to ``root/rel_path``, replacing an older output of
+    the same name atomically (used for outputs only)."""
+    rel = PurePosixPath(rel_path)
+    with _dir(make_dirs(root, str(rel.parent))) as dst, _dir(os.open(staged.parent, DIR_FLAGS)) as src:
+        os.rename(staged.name, rel.name, src_dir_fd=src, dst_dir_fd=dst)
+        fsync_dir(dst)
+
+
+def copy_to_staging(source: Path, root: Path) -> Path:
+    """Copy a file of ours (cache, spool) into ``root``'s staging folder, fsynced."""
+    staged = new_staging_file(root)
+    try:
+        with source.open("rb") as src, staged.open("wb") as dst:
+            shutil.copyfileobj(src, dst, COPY_CHUNK)
+            dst.flush()
+            os.fsync(dst.fileno())
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged
+
+
+def write_json(root: Path, rel_path: str, data: dict[str, Any]) -> None:
+    """Write ``root/rel_path`` as JSON atomically (replacing an older one)."""
+    staged = new_staging_file(root, ".json")
+    try:
+        with staged.open("w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        place(staged, root, rel_path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+
+
+def _sha256_at(name: str, dir_fd: int) -> str | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    with os.fdopen(fd, "rb") as fh:
+        while chunk := fh.read(COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def move_in(
+    src_root: Path,
+    src_rel: str,
+    dst_root: Path,
+    candidates: Iterable[str],
+    *,
+    sha256: str | None = None,
+) -> str | None:
+    """Move ``src_root/src_rel`` to the first free name among ``candidates`` below
+    ``dst_root``; returns the name used, or None when the source is gone.
+
+    When a candidate already holds the very same content (``sha256`` given), the move was
+    completed before a crash: the source is only unlinked.
+    """
+    src_rel_p = PurePosixPath(src_rel)
+    try:
+        src_fd = open_dir_nofollow(src_root, str(src_rel_p.parent))
+    except FileNotFoundError:
+        return None
+    with _dir(src_fd):
+        try:
+            st = os.stat(src_rel_p.name, dir_fd=src_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", src_rel)
+        for dst_rel in candidates:
+            dst_rel_p = PurePosixPath(dst_rel)
+            with _dir(make_dirs(dst_root, str(dst_rel_p.parent))) as dst_fd:
+                if _exists(dst_rel_p.name, dst_fd):
+                    if sha256 is not None and _sha256_at(dst_rel_p.name, dst_fd) == sha256:
+                        os.unlink(src_rel_p.name, dir_fd=src_fd)
+                        fsync_dir(src_fd)
+                        return dst_rel
+                    continue
+                try:
+                    os.rename(src_rel_p.name, dst_rel_p.name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    _copy_across(src_fd, src_rel_p.name, dst_root, dst_fd, dst_rel_p.name)
+                fsync_dir(dst_fd)
+                fsync_dir(src_fd)
+                return dst_rel
+    raise AssertionError("candidates is endless")
+
+
+def _copy_across(src_fd: int, src_name: str, dst_root: Path, dst_fd: int, dst_name: str) -> None:
+    """Copy + fsync + rename + unlink: the slow, crash-safe move between file systems."""
+    staged = new_staging_file(dst_root)
+    try:
+        fd = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+        with os.fdopen(fd, "rb") as src, staged.open("wb") as dst:
+            shutil.copyfileobj(src, dst, COPY_CHUNK)
+            st = os.fstat(src.fileno())
+            os.utime(dst.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+            dst.flush()
+            os.fsync(dst.fileno())
+        with _dir(os.open(staged.parent, DIR_FLAGS)) as stage_fd:
+            os.rename(staged.name, dst_name, src_dir_fd=stage_fd, dst_dir_fd=dst_fd)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    fsync_dir(dst_fd)
+    os.unlink(src_name, dir_fd=src_fd)
+
+
+def delete_input(root: Path, rel_path: str) -> bool:
+    """Unlink an input (``on_success = delete``) without following links."""
+    rel = PurePosixPath(rel_path)
+    try:
+        fd = open_dir_nofollow(root, str(rel.parent))
+    except FileNotFoundError:
+        return False
+    with _dir(fd):
+        try:
+            os.unlink(rel.name, dir_fd=fd)
+        except FileNotFoundError:
+            return False
+        fsync_dir(fd)
+    return True
+
+
+def pick_free(root: Path, candidates: Iterable[str]) -> str:
+    """The first candidate name that does not exist below ``root`` (links not followed)."""
+    for rel in candidates:
+        rel_p = PurePosixPath(rel)
+        with _dir(make_dirs(root, str(rel_p.parent))) as fd:
+            if not _exists(rel_p.name, fd):
+                return rel
+    raise AssertionError("candidates is endless")
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Publisher:
+    """The file-system side of finishing a job: outputs, archive, quarantine."""
+
+    def __init__(self, layout: Layout, *, on_success: str, clock: Callable[[], float]) -> None:
+        self.layout = layout
+        self.on_success = on_success
+        self._clock = clock
+
+    def prepare(self) -> dict[str, int]:
+        """Create the folders and sweep what a crash left in staging."""
+        swept = {}
+        for root in self.layout.output_roots():
+            root.mkdir(parents=True, exist_ok=True)
+            swept[str(root)] = clean_staging(root)
+        return swept
+
+    def identity_matches(self, rel_path: str, identity: tuple[int | None, ...]) -> bool:
+        size, mtime_ns, inode, device = identity
+        if size is None or mtime_ns is None or inode is None or device is None:
+            return False
+        return file_identity_matches(
+            self.layout.inbox, rel_path, size=size, mtime_ns=mtime_ns, inode=inode, device=device
+        )
+
+    def place_output(self, staged: Path, out_rel: str) -> None:
+        place(staged, self.layout.outbox, out_rel)
+
+    def dispose_input(
+        self, rel_path: str, identity: tuple[int | None, ...], *, sha256: str | None = None
+    ) -> str:
+        """Archive, delete or keep the input after its output is durable. An input that
+        changed since it was admitted is new content: it is left for the watcher."""
+        if self.on_success == "keep":
+            return "kept"
+        if not self.identity_matches(rel_path, identity):
+            return "changed_or_gone"
+        if self.on_success == "delete":
+            return "deleted" if delete_input(self.layout.inbox, rel_path) else "gone"
+        moved = move_in(
+            self.layout.inbox,
+            rel_path,
+            self.layout.archive,
+            numbered_candidates(rel_path),
+            sha256=sha256,
+        )
+        return "gone" if moved is None else f"archived:{moved}"
+
+    def quarantine_input(
+        self,
+        *,
+        rel_path: str,
+        sha256: str | None,
+        size: int | None,
+        identity: tuple[int | None, ...],
+        error: dict[str, Any],
+        attempts: int,
+        first_seen: float,
+        history: list[dict[str, Any]],
+        spool: Path | None,
+    ) -> str | None:
+        """Move the input (or, when it changed meanwhile, the spooled bytes that were
+        refused) to ``quarantine/<rel>`` and write ``<rel>.error.json`` first. Returns the
+        quarantine name, or None when there was nothing to quarantine."""
+        from_inbox = self.identity_matches(rel_path, identity)
+        if not from_inbox and (spool is None or not spool.exists()):
+            return None
+        q_rel = pick_free(self.layout.quarantine, numbered_candidates(rel_path))
+        record = {
+            "file": rel_path,
+            "quarantined_as": q_rel,
+            "sha256": sha256,
+            "size_bytes": size,
+            "error": error,
+            "attempts": attempts,
+            "first_seen": iso(first_seen),
+            "failed_at": iso(self._clock()),
+            "history": history,
+        }
+        write_json(self.layout.quarantine, error_json_rel(q_rel), record)
+        if from_inbox:
+            if move_in(self.layout.inbox, rel_path, self.layout.quarantine, [q_rel]) is None:
+                return None
+        else:
+            assert spool is not None
+            place(copy_to_staging(spool, self.layout.quarantine), self.layout.quarantine, q_rel)
+        return q_rel

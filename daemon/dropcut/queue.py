@@ -1,0 +1,411 @@
+"""The persistent job queue: one SQLite database (WAL) under ``state_dir``.
+
+A job is one admitted input: its relative path and the sha256 of the bytes that were
+validated. The database is the source of truth for what has been done; the file system is
+re-read, never trusted from memory. All calls are made from the daemon's event-loop thread
+(``dropcut status`` and ``dropcut retry`` open their own connection from another process).
+
+States: ``queued`` → ``inflight`` → ``published`` (output durable, input not yet moved) →
+``done``; or ``quarantined``. A job found ``inflight`` at start was interrupted by a crash
+and goes back to ``queued``; a ``published`` one finishes its input move.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dropcut.pace import Slot
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    rel_path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    format TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    output_rel TEXT,
+    error TEXT,
+    history TEXT NOT NULL DEFAULT '[]'
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_path_sha ON jobs (rel_path, sha256);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_sha ON jobs (sha256, state);
+CREATE INDEX IF NOT EXISTS jobs_path ON jobs (rel_path);
+CREATE TABLE IF NOT EXISTS outputs (
+    out_key TEXT PRIMARY KEY,
+    out_rel TEXT NOT NULL,
+    rel_path TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outputs_owner ON outputs (rel_path);
+CREATE TABLE IF NOT EXISTS slots (started REAL NOT NULL, sent REAL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+ACTIVE_STATES = ("queued", "inflight", "published")
+STATES = ("queued", "inflight", "published", "done", "quarantined")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    rel_path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+    format: str
+    state: str
+    attempts: int
+    first_seen: float
+    output_rel: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    rel_path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+    format: str
+    first_seen: float
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        rel_path=row["rel_path"],
+        sha256=row["sha256"],
+        size=row["size"],
+        mtime_ns=row["mtime_ns"],
+        inode=row["inode"],
+        device=row["device"],
+        format=row["format"],
+        state=row["state"],
+        attempts=row["attempts"],
+        first_seen=row["first_seen"],
+        output_rel=row["output_rel"],
+        history=json.loads(row["history"]),
+    )
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the database (creating it unless read-only) in WAL mode."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    if not readonly:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+    return conn
+
+
+class JobQueue:
+    """Typed operations on the job table. Every write is one transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, clock: Any = time.time) -> None:
+        self._conn = conn
+        self._clock = clock
+
+    @classmethod
+    def open(cls, path: Path) -> JobQueue:
+        return cls(connect(path))
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # --- start-up ----------------------------------------------------------------
+
+    def recover(self) -> tuple[int, list[Job]]:
+        """Requeue jobs interrupted in flight; return their count and the published ones
+        whose input move was not finished."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET state='queued', updated_at=? WHERE state='inflight'", (now,))
+            requeued = cur.rowcount
+        rows = self._conn.execute("SELECT * FROM jobs WHERE state='published'").fetchall()
+        return requeued, [_job(r) for r in rows]
+
+    # --- admission ---------------------------------------------------------------
+
+    def known_signature(self, rel_path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+        """State of the newest job for this path with this size, mtime and inode, if any:
+        a file seen again unchanged is not read again."""
+        row = self._conn.execute(
+            "SELECT state FROM jobs WHERE rel_path=? AND size=? AND mtime_ns=? AND inode=? "
+            "ORDER BY id DESC LIMIT 1",
+            (rel_path, size, mtime_ns, inode),
+        ).fetchone()
+        return None if row is None else str(row["state"])
+
+    def enqueue_many(self, jobs: Iterable[NewJob], *, requeue_done: bool) -> list[tuple[NewJob, str]]:
+        """Add admitted files; returns each with what happened: ``queued``, ``requeued``
+        (the same content at the same path was done before and comes again), or the state
+        of the existing job (``queued``/``inflight``… — a duplicate, nothing added)."""
+        now = self._clock()
+        results: list[tuple[NewJob, str]] = []
+        with self._tx() as db:
+            for job in jobs:
+                row = db.execute(
+                    "SELECT id, state FROM jobs WHERE rel_path=? AND sha256=?",
+                    (job.rel_path, job.sha256),
+                ).fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, inode, device, "
+                        "format, state, first_seen, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            job.rel_path,
+                            job.sha256,
+                            job.size,
+                            job.mtime_ns,
+                            job.inode,
+                            job.device,
+                            job.format,
+                            "queued",
+                            job.first_seen,
+                            now,
+                        ),
+                    )
+                    results.append((job, "queued"))
+                    continue
+                # Same content at the same path: remember the new signature so rescans
+                # recognise the file without reading it again.
+                db.execute(
+                    "UPDATE jobs SET size=?, mtime_ns=?, inode=?, device=? WHERE id=?",
+                    (job.size, job.mtime_ns, job.inode, job.device, row["id"]),
+                )
+                if row["state"] in ("done", "quarantined") and requeue_done:
+                    db.execute(
+                        "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=0, "
+                        "first_seen=?, updated_at=?, error=NULL, history='[]' WHERE id=?",
+                        (job.first_seen, now, row["id"]),
+                    )
+                    results.append((job, "requeued"))
+                else:
+                    results.append((job, str(row["state"])))
+        return results
+
+    # --- the send loop -------------------------------------------------------------
+
+    def claim(self) -> Job | None:
+        """Take the next due job whose content is not already in flight."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state='queued' AND next_attempt_at <= ? "
+                "AND sha256 NOT IN (SELECT sha256 FROM jobs WHERE state='inflight') "
+                "ORDER BY next_attempt_at, id LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='inflight', updated_at=? WHERE id=?", (now, row["id"]))
+        return _job(row)
+
+    def next_due(self) -> float | None:
+        row = self._conn.execute("SELECT MIN(next_attempt_at) AS t FROM jobs WHERE state='queued'").fetchone()
+        return None if row["t"] is None else float(row["t"])
+
+    def record_attempt(self, job_id: int) -> int:
+        """Count one request for this job; returns the attempt number."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET attempts=attempts+1 WHERE id=?", (job_id,))
+            row = db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return int(row["attempts"])
+
+    def retry_later(
+        self, job_id: int, *, at: float, entry: dict[str, Any], count_attempt: bool = True
+    ) -> None:
+        """Back to the queue until ``at``; ``entry`` is what this attempt got."""
+        with self._tx() as db:
+            self._append_history(db, job_id, entry)
+            db.execute(
+                "UPDATE jobs SET state='queued', next_attempt_at=?, updated_at=?, error=?, "
+                "attempts = attempts - ? WHERE id=?",
+                (at, self._clock(), json.dumps(entry), 0 if count_attempt else 1, job_id),
+            )
+
+    def release(self, job_id: int) -> None:
+        """Put an in-flight job back untouched (shutdown, pause before sending)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state='queued', updated_at=? WHERE id=? AND state='inflight'",
+                (self._clock(), job_id),
+            )
+
+    def mark_published(self, job_id: int, output_rel: str, entry: dict[str, Any]) -> None:
+        with self._tx() as db:
+            self._append_history(db, job_id, entry)
+            db.execute(
+                "UPDATE jobs SET state='published', output_rel=?, updated_at=?, error=NULL WHERE id=?",
+                (output_rel, self._clock(), job_id),
+            )
+
+    def mark_done(self, job_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state='done', updated_at=? WHERE id=?", (self._clock(), job_id))
+
+    def mark_quarantined(
+        self, job_id: int, error: dict[str, Any], entry: dict[str, Any] | None = None
+    ) -> None:
+        with self._tx() as db:
+            if entry is not None:
+                self._append_history(db, job_id, entry)
+            db.execute(
+                "UPDATE jobs SET state='quarantined', updated_at=?, error=? WHERE id=?",
+                (self._clock(), json.dumps(error), job_id),
+            )
+
+    def add_quarantined(self, job: NewJob, error: dict[str, Any]) -> None:
+        """Record a file refused before it became a job (local validation)."""
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, inode, device, format, "
+                "state, first_seen, updated_at, error) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (rel_path, sha256) DO UPDATE SET state='quarantined', "
+                "updated_at=excluded.updated_at, error=excluded.error",
+                (
+                    job.rel_path,
+                    job.sha256,
+                    job.size,
+                    job.mtime_ns,
+                    job.inode,
+                    job.device,
+                    job.format,
+                    "quarantined",
+                    job.first_seen,
+                    now,
+                    json.dumps(error),
+                ),
+            )
+
+    def sha_still_needed(self, sha256: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM jobs WHERE sha256=? AND state IN ('queued','inflight') LIMIT 1",
+            (sha256,),
+        ).fetchone()
+        return row is not None
+
+    @staticmethod
+    def _append_history(db: sqlite3.Connection, job_id: int, entry: dict[str, Any]) -> None:
+        row = db.execute("SELECT history FROM jobs WHERE id=?", (job_id,)).fetchone()
+        history = json.loads(row["history"]) if row else []
+        history.append(entry)
+        db.execute("UPDATE jobs SET history=? WHERE id=?", (json.dumps(history), job_id))
+
+    # --- outputs -------------------------------------------------------------------
+
+    def claim_output(self, rel_path: str, candidates: Iterable[str], key: Any) -> str:
+        """The output name for ``rel_path``: the one it owns already, else the first
+        candidate nobody owns (compared by ``key``, i.e. ignoring case)."""
+        with self._tx() as db:
+            row = db.execute("SELECT out_rel FROM outputs WHERE rel_path=? LIMIT 1", (rel_path,)).fetchone()
+            if row is not None:
+                return str(row["out_rel"])
+            for out_rel in candidates:
+                taken = db.execute("SELECT 1 FROM outputs WHERE out_key=?", (key(out_rel),)).fetchone()
+                if taken is None:
+                    db.execute(
+                        "INSERT INTO outputs (out_key, out_rel, rel_path) VALUES (?,?,?)",
+                        (key(out_rel), out_rel, rel_path),
+                    )
+                    return out_rel
+        raise AssertionError("candidates is endless")
+
+    # --- pacing history, pause state ---------------------------------------------------
+
+    def load_slots(self) -> list[Slot]:
+        rows = self._conn.execute("SELECT started, sent FROM slots ORDER BY started").fetchall()
+        return [Slot(started=r["started"], sent=r["sent"]) for r in rows]
+
+    def save_slots(self, slots: Iterable[Slot]) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM slots")
+            db.executemany(
+                "INSERT INTO slots (started, sent) VALUES (?, ?)",
+                [(s.started, s.sent) for s in slots],
+            )
+
+    def get_meta(self, key: str) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row["value"])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._tx() as db:
+            if value is None:
+                db.execute("DELETE FROM meta WHERE key=?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                    (key, json.dumps(value)),
+                )
+
+    # --- reporting and maintenance -------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        result = dict.fromkeys(STATES, 0)
+        result.update({r["state"]: r["n"] for r in rows})
+        return result
+
+    def quarantined_jobs(self, rel_paths: Iterable[str] | None = None) -> list[Job]:
+        if rel_paths is None:
+            rows = self._conn.execute("SELECT * FROM jobs WHERE state='quarantined'").fetchall()
+            return [_job(r) for r in rows]
+        jobs: list[Job] = []
+        for rel in rel_paths:
+            rows = self._conn.execute(
+                "SELECT * FROM jobs WHERE state='quarantined' AND rel_path=?", (rel,)
+            ).fetchall()
+            jobs.extend(_job(r) for r in rows)
+        return jobs
+
+    def job_error(self, job_id: int) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT error FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["error"] is None:
+            return None
+        value = json.loads(row["error"])
+        return value if isinstance(value, dict) else None
+
+    def forget(self, job_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def integrity_ok(self) -> bool:
+        row = self._conn.execute("PRAGMA integrity_check").fetchone()
+        return bool(row[0] == "ok")

@@ -1,0 +1,428 @@
+"""The daemon's lifecycle: start-up → main loop → shutdown, and the wiring of the stages.
+
+Signals only set flags: SIGTERM/SIGINT ask to stop, SIGHUP asks to reload; the main loop
+acts on them. Start-up opens the queue, finishes what a crash interrupted, starts the
+watch, queues the start-up scan, and only then tells systemd READY=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+
+from dropcut import __version__
+from dropcut.admit import Admission
+from dropcut.cache import ResultCache
+from dropcut.client import WithoutBG
+from dropcut.dispatch import Dispatcher
+from dropcut.logs import Redactor
+from dropcut.pace import Pacer
+from dropcut.paths import Layout
+from dropcut.publish import Publisher
+from dropcut.queue import JobQueue
+from dropcut.settings import ConfigError, Settings, load_settings
+from dropcut.settle import is_ignored_dir
+from dropcut.systemd import Notifier
+from dropcut.watch import InboxWatcher, detect_mode, inbox_problem, scan, watch_error_reason
+
+HEALTH_SECONDS = 2.0
+STATUS_SECONDS = 2.0
+INSPECTORS = 2
+SHA_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+class AlreadyRunning(Exception):
+    """Another dropcut holds the lock on this state folder."""
+
+
+def layout_of(settings: Settings) -> Layout:
+    return Layout(
+        inbox=settings.inbox,
+        outbox=settings.outbox,
+        quarantine=settings.quarantine,
+        archive=settings.archive,
+        state_dir=settings.state_dir,
+    )
+
+
+def rate_margin(settings: Settings) -> float:
+    """Safety margin added to the rate-limit window (clock granularity, server jitter)."""
+    return settings.rate_limit_margin_seconds
+
+
+class Daemon:
+    """One running dropcut. Build it with the settings, then :meth:`run`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: Path | None = None,
+        redactor: Redactor | None = None,
+        notifier: Notifier | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.layout = layout_of(settings)
+        self._config_path = config_path
+        self._redactor = redactor or Redactor()
+        self._notifier = notifier or Notifier()
+        self._transport = transport
+        self._clock = clock
+        self._log = structlog.get_logger()
+        self._stop_requested = False
+        self._reload_requested = False
+        self._wake_main: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watcher: InboxWatcher | None = None
+        self._watch_mode = "native"
+        self._degraded: str | None = None
+        self._lock_fd: int | None = None
+        self.started = False
+
+    # --- entry points ----------------------------------------------------------------
+
+    def run(self) -> int:
+        return asyncio.run(self.serve())
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        if self._wake_main is not None:
+            self._wake_main.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        if self._wake_main is not None:
+            self._wake_main.set()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._wake_main = asyncio.Event()
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread (tests)
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        try:
+            await self._startup()
+            await self._main_loop()
+        finally:
+            await self._shutdown()
+        return self.exit_code
+
+    # --- start-up ---------------------------------------------------------------------
+
+    async def _startup(self) -> None:
+        s = self.settings
+        key = s.resolve_api_key()
+        if key is None:
+            raise ConfigError("no API key")
+        self._redactor.set_secrets(key.get_secret_value())
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        self.queue = JobQueue.open(self.layout.database)
+        requeued, published = self.queue.recover()
+        self.publisher = Publisher(self.layout, on_success=s.on_success, clock=self._clock)
+        swept = self.publisher.prepare()
+        self.layout.spool_dir.mkdir(parents=True, exist_ok=True)
+        orphans = self._sweep_spool()
+        self.cache = ResultCache(self.layout.cache_dir, max_bytes=s.result_cache_bytes)
+        self.pacer = Pacer(
+            limit=s.rate_limit_requests,
+            period=s.rate_limit_period_seconds,
+            margin=rate_margin(s),
+            clock=self._clock,
+            history=self.queue.load_slots(),
+            on_change=self.queue.save_slots,
+        )
+        self.client = WithoutBG(
+            s.api_url,
+            key,
+            timeout=s.request_timeout_seconds,
+            max_connections=s.max_in_flight,
+            transport=self._transport,
+        )
+        self.dispatcher = Dispatcher(
+            s,
+            layout=self.layout,
+            queue=self.queue,
+            client=self.client,
+            pacer=self.pacer,
+            publisher=self.publisher,
+            cache=self.cache,
+            clock=self._clock,
+        )
+        for job in published:
+            self.dispatcher.finish_published(job)
+        self._watch_mode, reason, fstype = detect_mode(s.watch_mode, s.inbox)
+        self.admission = Admission(
+            s,
+            queue=self.queue,
+            publisher=self.publisher,
+            spool_dir=self.layout.spool_dir,
+            on_queued=self.dispatcher.wake,
+            min_observations=self._min_observations(),
+            clock=self._clock,
+        )
+        self._log.info("watch_mode_chosen", mode=self._watch_mode, reason=reason, fstype=fstype)
+        self._start_watch()
+        found = await self._rescan()
+        self._log.info(
+            "daemon_started",
+            version=__version__,
+            pid=os.getpid(),
+            inbox=str(s.inbox),
+            outbox=str(s.outbox),
+            requeued=requeued,
+            finished=len(published),
+            staging_swept=sum(swept.values()),
+            spool_swept=orphans,
+            found=found,
+            paused=(self.dispatcher.paused or {}).get("code"),
+        )
+        for coro in (
+            self.admission.settle_loop(),
+            *(self.admission.inspect_loop() for _ in range(INSPECTORS)),
+            self.dispatcher.run(),
+            self.dispatcher.credit_loop(),
+            self._rescan_loop(),
+            self._health_loop(),
+            self._heartbeat(),
+        ):
+            self._spawn(coro)
+        self.started = True
+        self._notifier.ready()
+        self._notifier.status(self.status_line())
+
+    def _min_observations(self) -> int:
+        return 2 if self._watch_mode == "poll" else 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(self._guard(coro))
+        self._tasks.append(task)
+
+    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A stage that crashes is logged and takes the daemon down cleanly (systemd
+        restarts it) instead of leaving a half-alive process."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log.exception("stage_crashed", stage=getattr(coro, "__qualname__", "?"))
+            self._exit_code = 1
+            self.request_stop()
+
+    def _lock(self) -> None:
+        fd = os.open(self.layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(f"another dropcut uses {self.settings.state_dir}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _sweep_spool(self) -> int:
+        removed = 0
+        for entry in os.scandir(self.layout.spool_dir):
+            if SHA_NAME.match(entry.name) and self.queue.sha_still_needed(entry.name):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    # --- watching ----------------------------------------------------------------------
+
+    def _report(self, rel: str, is_dir: bool) -> None:
+        """Called from the observer thread."""
+        loop = self._loop
+        if is_dir:
+            loop.call_soon_threadsafe(self._spawn_dir_scan, rel)
+        else:
+            loop.call_soon_threadsafe(self.admission.notice, rel)
+
+    def _spawn_dir_scan(self, rel: str) -> None:
+        # A folder created (or moved in) after start: files may have landed in it before
+        # its watch existed.
+        if not is_ignored_dir(rel, self.settings.ignore_dirs):
+            self._spawn(self._scan_dir(rel))
+
+    async def _scan_dir(self, rel: str) -> None:
+        for path in await asyncio.to_thread(self._list, rel):
+            self.admission.notice(path)
+
+    def _list(self, rel_dir: str = "") -> list[str]:
+        dirs = self.settings.ignore_dirs
+        return list(scan(self.settings.inbox, lambda d: is_ignored_dir(d, dirs), rel_dir))
+
+    def _start_watch(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        watcher = InboxWatcher(
+            self.settings.inbox,
+            mode=self._watch_mode,
+            poll_interval=self.settings.poll_interval_seconds,
+            report=self._report,
+        )
+        try:
+            watcher.start()
+        except OSError as exc:
+            reason = watch_error_reason(exc)
+            watcher.stop()
+            if self._watch_mode == "native":
+                self._log.warning("watch_degraded", reason=reason, fallback="poll")
+                self._watch_mode = "poll"
+                self.admission.apply(self.settings, min_observations=2)
+                watcher = InboxWatcher(
+                    self.settings.inbox,
+                    mode="poll",
+                    poll_interval=self.settings.poll_interval_seconds,
+                    report=self._report,
+                )
+                watcher.start()
+            else:
+                raise
+        self._watcher = watcher
+        self._log.info("watch_started", mode=self._watch_mode)
+
+    async def _rescan(self) -> int:
+        self.admission.forget_reports()
+        paths = await asyncio.to_thread(self._list)
+        for rel in paths:
+            self.admission.notice(rel)
+        return len(paths)
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.rescan_interval_seconds)
+            if self._degraded is None:
+                found = await self._rescan()
+                self._log.debug("rescan_done", found=found)
+
+    async def _health_loop(self) -> None:
+        """Notice a dead observer or a vanished inbox; rebuild the watch when it is back."""
+        while True:
+            await asyncio.sleep(HEALTH_SECONDS)
+            watcher = self._watcher
+            problem = watcher.problem() if watcher is not None else "not watching"
+            if problem is not None:
+                if self._degraded != problem:
+                    self._log.warning("watch_degraded", reason=problem, action="waiting for the inbox")
+                    self._degraded = problem
+                if watcher is not None:
+                    await asyncio.to_thread(watcher.stop)
+                    self._watcher = None
+                if inbox_problem(self.settings.inbox) is None:
+                    try:
+                        self._start_watch()
+                    except OSError as exc:
+                        self._log.warning("watch_degraded", reason=watch_error_reason(exc))
+                        continue
+                    found = await self._rescan()
+                    self._log.info("watch_restored", mode=self._watch_mode, found=found)
+                    self._degraded = None
+
+    # --- main loop ---------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Runs on the event loop: if the loop hangs, systemd stops hearing WATCHDOG=1."""
+        interval = self._notifier.watchdog_interval()
+        last_status = 0.0
+        while True:
+            if interval is not None:
+                self._notifier.watchdog()
+            now = time.monotonic()
+            if now - last_status >= STATUS_SECONDS:
+                self._notifier.status(self.status_line())
+                last_status = now
+            await asyncio.sleep(min(interval or STATUS_SECONDS, STATUS_SECONDS))
+
+    async def _main_loop(self) -> None:
+        assert self._wake_main is not None
+        self._exit_code = 0
+        while not self._stop_requested:
+            await self._wake_main.wait()
+            self._wake_main.clear()
+            if self._reload_requested and not self._stop_requested:
+                self._reload_requested = False
+                await self._reload()
+
+    async def _reload(self) -> None:
+        self._notifier.reloading()
+        self._log.info("reload_started")
+        try:
+            new = load_settings(self._config_path)
+            key = new.resolve_api_key()
+        except ConfigError as exc:
+            self._log.error("reload_failed", error=str(exc))
+            self._notifier.ready()
+            return
+        changed = [k for k in type(new).model_fields if getattr(new, k) != getattr(self.settings, k)]
+        needs_restart = self.settings.restart_changes(new)
+        if needs_restart:
+            self._log.error("reload_refused", keys=needs_restart, reason="changing these needs a restart")
+        elif key is None:
+            self._log.error("reload_refused", keys=["api_key"], reason="no API key in the new configuration")
+        else:
+            self.settings = new
+            self._redactor.set_secrets(key.get_secret_value())
+            self.client.set_api_key(key)
+            self.publisher.on_success = new.on_success
+            self.dispatcher.apply(new)
+            self.admission.apply(new, min_observations=self._min_observations())
+            self._log.info("config_reloaded", changed=changed)
+        self._notifier.ready()
+
+    def status_line(self) -> str:
+        counts = self.queue.counts()
+        parts = [
+            f"queued {counts['queued']}",
+            f"in flight {self.dispatcher.in_flight}",
+            f"done {counts['done']}",
+            f"quarantined {counts['quarantined']}",
+        ]
+        paused = self.dispatcher.paused
+        if paused is not None:
+            parts.append(f"PAUSED: {paused.get('code')}")
+        if self._degraded:
+            parts.append(f"watch degraded: {self._degraded}")
+        return " · ".join(parts)
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        self._notifier.stopping()
+        self._log.info("daemon_stopping")
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.stop)
+        cancelled = 0
+        if hasattr(self, "dispatcher"):
+            cancelled = await self.dispatcher.stop(self.settings.shutdown_grace_seconds)
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+        if hasattr(self, "client"):
+            await self.client.aclose()
+        if hasattr(self, "queue"):
+            self.queue.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        self._log.info("daemon_stopped", requeued=cancelled)
+
+    @property
+    def exit_code(self) -> int:
+        return getattr(self, "_exit_code", 0)

@@ -1,0 +1,234 @@
+"""The one settings model: TOML file, then ``DROPCUT_*`` environment variables on top.
+
+Built once at start (and again on SIGHUP); everything else receives it as a value.
+Loading never touches the folders; :func:`startup_problems` checks them for ``run``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dropcut.settle import DEFAULT_IGNORE_DIRS, DEFAULT_IGNORE_PATTERNS
+
+CREDENTIAL_NAME = "dropcut-api-key"
+"""File name of the API key below ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``)."""
+
+Positive = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+# Keys whose change needs a restart (a reload that changes them is refused).
+RESTART_KEYS = ("inbox", "outbox", "quarantine", "archive", "state_dir", "watch_mode")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line for the admin."""
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/dropcut").split(":")[0])
+
+
+class Settings(BaseSettings):
+    """Every knob of the daemon. Field names are a public contract (TOML keys, env names)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DROPCUT_",
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+    )
+
+    # folders
+    inbox: Path = Path("/srv/dropcut/inbox")
+    outbox: Path = Path("/srv/dropcut/outbox")
+    quarantine: Path = Path("/srv/dropcut/quarantine")
+    archive: Path = Path("/srv/dropcut/archive")
+    state_dir: Path = Field(default_factory=_default_state_dir)
+
+    # the API
+    api_url: str = "https://api.withoutbg.com"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    request_timeout_seconds: Positive = 60.0
+    rate_limit_requests: PositiveInt = 7
+    rate_limit_period_seconds: Positive = 60.0
+    rate_limit_margin_seconds: Annotated[float, Field(ge=0)] = 0.02
+    max_in_flight: PositiveInt = 4
+    credit_check_interval_seconds: Positive = 300.0
+    credit_warn_below: int = 50
+
+    # retries
+    max_attempts: Annotated[int, Field(ge=8)] = 12
+    retry_base_delay_seconds: Positive = 2.0
+    retry_max_delay_seconds: Positive = 300.0
+
+    # watching and settling
+    watch_mode: Literal["auto", "native", "poll"] = "auto"
+    poll_interval_seconds: Positive = 10.0
+    rescan_interval_seconds: Positive = 300.0
+    debounce_seconds: Annotated[float, Field(ge=0)] = 5.0
+    max_settle_seconds: Positive = 1800.0
+    corrupt_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+    ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE_PATTERNS
+    ignore_dirs: tuple[str, ...] = DEFAULT_IGNORE_DIRS
+
+    # files
+    max_file_bytes: PositiveInt = 10 * 1024 * 1024
+    on_success: Literal["archive", "delete", "keep"] = "archive"
+    result_cache_bytes: Annotated[int, Field(ge=0)] = 1024**3
+
+    # process
+    shutdown_grace_seconds: Positive = 8.0
+    log_format: Literal["console", "json", "journal"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("inbox", "outbox", "quarantine", "archive", "state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(os.path.abspath(value.expanduser()))
+
+    @model_validator(mode="after")
+    def _formats(self) -> Settings:
+        if self.log_format is None:
+            object.__setattr__(self, "log_format", "console" if sys.stderr.isatty() else "json")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the TOML file; explicit keyword arguments win over both.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    # --- derived values -------------------------------------------------------------
+
+    def resolve_api_key(self, environ: dict[str, str] | None = None) -> SecretStr | None:
+        """The key from ``api_key``, else ``api_key_file``, else the systemd credential."""
+        env = os.environ if environ is None else environ
+        if self.api_key is not None and self.api_key.get_secret_value().strip():
+            return SecretStr(self.api_key.get_secret_value().strip())
+        candidates: list[Path] = []
+        if self.api_key_file is not None:
+            candidates.append(self.api_key_file)
+        if env.get("CREDENTIALS_DIRECTORY"):
+            candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)
+        for path in candidates:
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from None
+            if text:
+                return SecretStr(text)
+        return None
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, with the key replaced."""
+        data = self.model_dump(mode="json")
+        if data.get("api_key"):
+            data["api_key"] = "**********"
+        return data
+
+    def restart_changes(self, other: Settings) -> list[str]:
+        """Keys that differ between two configurations and need a restart."""
+        return [key for key in RESTART_KEYS if getattr(self, key) != getattr(other, key)]
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from ``config`` (or ``$DROPCUT_CONFIG``) and the environment."""
+    path = config or (Path(os.environ["DROPCUT_CONFIG"]) if os.environ.get("DROPCUT_CONFIG") else None)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+
+    class FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return FromFile(**overrides) if path is not None else Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def folder_problems(settings: Settings) -> list[str]:
+    """Ways the folders overlap so that the daemon would feed on its own output."""
+    inbox = Path(os.path.realpath(settings.inbox))
+    others = {
+        "outbox": settings.outbox,
+        "quarantine": settings.quarantine,
+        "archive": settings.archive,
+        "state_dir": settings.state_dir,
+    }
+    problems = []
+    resolved = {name: Path(os.path.realpath(p)) for name, p in others.items()}
+    for name, path in resolved.items():
+        if path == inbox:
+            problems.append(f"{name} {path} is the inbox")
+        elif path.is_relative_to(inbox):
+            problems.append(f"{name} {path} is inside the inbox {inbox}")
+        elif inbox.is_relative_to(path):
+            problems.append(f"the inbox {inbox} is inside {name} {path}")
+    names = list(resolved)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if resolved[a] == resolved[b]:
+                problems.append(f"{a} and {b} are the same folder {resolved[a]}")
+    return problems
+
+
+def startup_problems(settings: Settings) -> list[str]:
+    """Everything that stops ``dropcut run`` from starting, each as one line."""
+    problems = []
+    if not settings.inbox.is_dir():
+        problems.append(f"inbox {settings.inbox} does not exist or is not a folder")
+    try:
+        key = settings.resolve_api_key()
+    except ConfigError as exc:
+        problems.append(str(exc))
+    else:
+        if key is None:
+            problems.append(
+                "no API key: set api_key, api_key_file, DROPCUT_API_KEY or the "
+                f"systemd credential {CREDENTIAL_NAME}"
+            )
+    problems.extend(folder_problems(settings))
+    return problems

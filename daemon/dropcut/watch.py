@@ -1,0 +1,221 @@
+"""Noticing files: watchdog observers (native or polling), full rescans, watch health.
+
+The watcher only reports *relative paths that may have changed*; whether a path is a
+finished, safe, valid image is decided later (settle, inspect). Lost events are harmless:
+the periodic rescan reports every file again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+    FileSystemMovedEvent,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+NETWORK_FS_PREFIXES = (
+    "nfs",
+    "cifs",
+    "smb",
+    "smb3",
+    "9p",
+    "fuse.",
+    "fuse",
+    "ceph",
+    "glusterfs",
+    "afs",
+    "davfs",
+    "sshfs",
+    "vboxsf",
+    "virtiofs",
+)
+
+
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    fstype: str
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Mount points and types from ``/proc/self/mountinfo`` (octal escapes decoded)."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5:
+            continue
+        point = fields[4].encode().decode("unicode_escape")
+        fstype = right.split()[0] if right.split() else ""
+        mounts.append(Mount(point=point, fstype=fstype))
+    return mounts
+
+
+def fstype_of(path: str, mounts: list[Mount]) -> str | None:
+    """File system type of the mount that holds ``path``: the longest matching mount
+    point; for stacked mounts the last one listed wins."""
+    best: Mount | None = None
+    best_len = -1
+    for mount in mounts:
+        point = mount.point.rstrip("/") or "/"
+        inside = point == "/" or path == point or path.startswith(point + "/")
+        if inside and len(point) >= best_len:
+            best, best_len = mount, len(point)
+    return best.fstype if best else None
+
+
+def choose_mode(setting: str, fstype: str | None) -> tuple[str, str]:
+    """``native`` or ``poll`` for a ``watch_mode`` setting, with the reason."""
+    if setting in ("native", "poll"):
+        return setting, "configured"
+    if fstype is None:
+        return "poll", "file system type unknown"
+    if fstype.startswith(NETWORK_FS_PREFIXES):
+        return "poll", f"inbox is on {fstype}: inotify cannot see other machines' writes"
+    return "native", f"inbox is on {fstype}"
+
+
+def detect_mode(
+    setting: str, inbox: Path, mountinfo: Path = Path("/proc/self/mountinfo")
+) -> tuple[str, str, str | None]:
+    try:
+        mounts = parse_mountinfo(mountinfo.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        mounts = []
+    fstype = fstype_of(os.path.realpath(inbox), mounts)
+    mode, reason = choose_mode(setting, fstype)
+    return mode, reason, fstype
+
+
+def scan(inbox: Path, skip_dir: Callable[[str], bool], rel_dir: str = "") -> Iterator[str]:
+    """Every entry below ``inbox/rel_dir`` that is not a folder, as relative paths.
+
+    Never follows links: a linked folder is reported like a file (and then rejected by
+    inspect), never entered. Unreadable folders are skipped (they come back next scan).
+    """
+    stack = [rel_dir]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = list(os.scandir(inbox / current if current else inbox))
+        except OSError:
+            continue
+        for entry in entries:
+            rel = f"{current}/{entry.name}" if current else entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                if not skip_dir(rel):
+                    stack.append(rel)
+            else:
+                yield rel
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, inbox: Path, report: Callable[[str, bool], None]) -> None:
+        self._inbox = os.fsdecode(inbox)
+        self._report = report
+        self._log = structlog.get_logger()
+
+    def _rel(self, path: str | bytes) -> str | None:
+        text = os.fsdecode(path)
+        rel = os.path.relpath(text, self._inbox)
+        if rel == "." or rel.startswith(".."):
+            return None
+        return rel
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # One bad event must never end event delivery.
+        try:
+            if event.event_type in ("deleted", "opened", "closed_no_write"):
+                return
+            is_dir = isinstance(event, DirCreatedEvent | DirMovedEvent) or event.is_directory
+            path = event.dest_path if isinstance(event, FileSystemMovedEvent) else event.src_path
+            rel = self._rel(path)
+            if rel is not None:
+                self._report(rel, is_dir)
+        except Exception:
+            self._log.exception("watch_event_failed", path=repr(event.src_path))
+
+
+class InboxWatcher:
+    """A watchdog observer over the inbox that can be checked and rebuilt."""
+
+    def __init__(
+        self,
+        inbox: Path,
+        *,
+        mode: str,
+        poll_interval: float,
+        report: Callable[[str, bool], None],
+    ) -> None:
+        self.inbox = inbox
+        self.mode = mode
+        self._poll_interval = poll_interval
+        self._report = report
+        self._observer: BaseObserver | None = None
+
+    def start(self) -> None:
+        """Start watching; raises OSError when the watch cannot be set up (inotify limits,
+        inbox gone)."""
+        observer: BaseObserver
+        if self.mode == "poll":
+            observer = PollingObserver(timeout=self._poll_interval)
+        else:
+            observer = Observer()
+        observer.daemon = True
+        observer.schedule(_Handler(self.inbox, self._report), os.fsdecode(self.inbox), recursive=True)
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            if observer.is_alive():
+                observer.join(timeout=5)
+
+    def problem(self) -> str | None:
+        """Why the watch cannot be trusted right now, or None."""
+        if self._observer is None:
+            return "not started"
+        if not self._observer.is_alive():
+            return "observer thread died"
+        return inbox_problem(self.inbox)
+
+
+def inbox_problem(inbox: Path) -> str | None:
+    """Is the inbox there and readable as a folder?"""
+    try:
+        st = os.stat(inbox)
+    except OSError as exc:
+        return f"inbox unreadable: {errno.errorcode.get(exc.errno or 0, '?')} {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "inbox is not a folder"
+    if not os.access(inbox, os.R_OK | os.X_OK):
+        return "inbox not readable"
+    return None
+
+
+def watch_error_reason(exc: OSError) -> str:
+    """A readable reason for a failure to set up a watch."""
+    if exc.errno == errno.ENOSPC:
+        return "inotify watch limit reached (fs.inotify.max_user_watches)"
+    if exc.errno == errno.EMFILE:
+        return "inotify instance limit reached (fs.inotify.max_user_instances)"
+    return f"{errno.errorcode.get(exc.errno or 0, 'error')}: {exc.strerror or exc}"
