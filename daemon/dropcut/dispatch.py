@@ -32,6 +32,7 @@ from dropcut.settings import Settings
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_CHECK_SECONDS = 5.0
+SERVICE_WIDE = ("rate_limited", "server_error", "connection_error", "timeout")
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -255,7 +256,9 @@ class Dispatcher:
                     handed_over = True
                     self._publish(job, staged, log, from_cache=False, entry=entry)
                 case Retry():
-                    if decision.code == "rate_limited":
+                    if decision.code in SERVICE_WIDE:
+                        # The service, not this file, is the problem: everyone waits, so
+                        # an outage spends one job's attempts, not every job's.
                         self._hold_until = max(self._hold_until, self._clock() + decision.delay)
                     self._queue.retry_later(job.id, at=self._clock() + decision.delay, entry=entry)
                     log.warning(

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -264,12 +264,13 @@ def describe_content(head: bytes) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-class _ComponentError(OSError):
-    """Opening one directory component failed; carries that component's own lstat."""
+@dataclass(frozen=True, slots=True)
+class _WalkFailure:
+    """Opening the inbox or one directory component failed: the error, and that
+    component's own lstat taken right after (None for the inbox itself or if gone)."""
 
-    def __init__(self, err: OSError, component: str, lstat: os.stat_result | None) -> None:
-        super().__init__(err.errno, err.strerror, component)
-        self.lstat = lstat
+    error: OSError
+    lstat: os.stat_result | None
 
 
 def _split(rel_path: str) -> list[str]:
@@ -288,16 +289,19 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def _walk(root: Path, parts: Sequence[str]) -> int:
+def _walk(root: Path, parts: Sequence[str]) -> int | _WalkFailure:
     """An fd of ``root/parts...``, every component opened with O_NOFOLLOW relative to its
-    parent.  A failing component raises :class:`_ComponentError` (an OSError)."""
-    fd = os.open(root, _ROOT_FLAGS)
+    parent (``root`` itself is opened normally), or what stopped the walk."""
+    try:
+        fd = os.open(root, _ROOT_FLAGS)
+    except OSError as err:
+        return _WalkFailure(err, None)
     try:
         for name in parts:
             try:
                 child = os.open(name, _DIR_FLAGS, dir_fd=fd)
             except OSError as err:
-                raise _ComponentError(err, name, _lstat_at(fd, name)) from err
+                return _WalkFailure(err, _lstat_at(fd, name))
             parent, fd = fd, child
             os.close(parent)
     except BaseException:
@@ -312,7 +316,10 @@ def open_dir_nofollow(root: Path, rel_dir: str) -> int:
     symbolic link gives ELOOP or ENOTDIR, a missing component ENOENT.  The caller closes
     the fd."""
     parts = [] if rel_dir in ("", ".") else _split(rel_dir.rstrip("/"))
-    return _walk(root, parts)
+    walked = _walk(root, parts)
+    if isinstance(walked, _WalkFailure):
+        raise walked.error
+    return walked
 
 
 def _is_link(st: os.stat_result | None) -> bool:
@@ -328,18 +335,13 @@ def stat_entry(inbox: Path, rel_path: str) -> os.stat_result | None:
     Other errors (EACCES, EIO...) raise OSError.
     """
     parts = _split(rel_path)
-    try:
-        dir_fd = _walk(inbox, parts[:-1])
-    except _ComponentError as err:
-        if _is_link(err.lstat):
-            return err.lstat
-        if err.errno in (*_VANISHED_ERRNOS, errno.ENOTDIR):
+    dir_fd = _walk(inbox, parts[:-1])
+    if isinstance(dir_fd, _WalkFailure):
+        if _is_link(dir_fd.lstat):
+            return dir_fd.lstat
+        if dir_fd.error.errno in (*_VANISHED_ERRNOS, errno.ENOTDIR):
             return None
-        raise
-    except OSError as err:
-        if err.errno in _VANISHED_ERRNOS:
-            return None
-        raise
+        raise dir_fd.error
     try:
         return os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
     except OSError as err:
@@ -420,23 +422,16 @@ def inspect_file(inbox: Path, rel_path: str, *, spool_dir: Path, max_bytes: int)
     a plain relative path, and OSError for failures on the spool side only.
     """
     parts = _split(rel_path)
-    try:
-        dir_fd = _walk(inbox, parts[:-1])
-    except _ComponentError as err:
-        return _classify_open_error(rel_path, err, err.lstat)
-    except OSError as err:  # the inbox itself
-        if err.errno in _VANISHED_ERRNOS:
-            return Vanished(rel_path)
-        return _unreadable(rel_path, err)
+    dir_fd = _walk(inbox, parts[:-1])
+    if isinstance(dir_fd, _WalkFailure):
+        return _classify_open_error(rel_path, dir_fd.error, dir_fd.lstat)
     try:
         return _inspect_in(dir_fd, parts[-1], rel_path, spool_dir, max_bytes)
     finally:
         os.close(dir_fd)
 
 
-def _inspect_in(
-    dir_fd: int, name: str, rel_path: str, spool_dir: Path, max_bytes: int
-) -> Inspection:
+def _inspect_in(dir_fd: int, name: str, rel_path: str, spool_dir: Path, max_bytes: int) -> Inspection:
     # Look before opening, so FIFOs, sockets, devices and links are never opened at all.
     try:
         before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -468,7 +463,7 @@ def _read_and_validate(
     total = 0
     tmp_path: Path | None = None
     out_fd = -1
-    if st.st_size <= max_bytes:
+    if 0 < st.st_size <= max_bytes:  # nothing to spool for an empty or too large file
         out_fd, tmp_name = tempfile.mkstemp(dir=spool_dir, prefix=".spool-", suffix=".tmp")
         tmp_path = Path(tmp_name)
     try:
@@ -494,11 +489,7 @@ def _read_and_validate(
             after = os.fstat(fd)
         except OSError as err:
             return _unreadable(rel_path, err)
-        if (
-            total != st.st_size
-            or after.st_size != st.st_size
-            or after.st_mtime_ns != st.st_mtime_ns
-        ):
+        if total != st.st_size or after.st_size != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
             return Changed(rel_path)
 
         sha256 = digest.hexdigest()
@@ -592,6 +583,10 @@ def _decode(path: Path, fmt: str) -> tuple[int, int] | _DecodeFailure:
                 img.load()  # the first frame is enough for animations and multi-page TIFF
     except Image.DecompressionBombError as err:
         return _DecodeFailure(422, RefusalCode.TOO_MANY_PIXELS, str(err))
+    except UnidentifiedImageError:  # its message names our spool temp file
+        return _DecodeFailure(
+            422, RefusalCode.CORRUPT_IMAGE, f"cannot decode as {fmt}: Pillow cannot identify it"
+        )
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
         message = str(err) or type(err).__name__
         return _DecodeFailure(422, RefusalCode.CORRUPT_IMAGE, f"cannot decode as {fmt}: {message}")

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     request_timeout_seconds: Positive = 60.0
     rate_limit_requests: PositiveInt = 7
     rate_limit_period_seconds: Positive = 60.0
-    rate_limit_margin_seconds: Annotated[float, Field(ge=0)] = 0.02
+    rate_limit_margin_seconds: Annotated[float, Field(ge=0)] | None = None
     max_in_flight: PositiveInt = 4
     credit_check_interval_seconds: Positive = 300.0
     credit_warn_below: int = 50

@@ -170,9 +170,7 @@ class Verdict(StrEnum):
     NEVER_SETTLED = "never_settled"
 
 
-def verdict(
-    seen: Seen, *, now: float, debounce: float, max_settle: float, min_observations: int
-) -> Verdict:
+def verdict(seen: Seen, *, now: float, debounce: float, max_settle: float, min_observations: int) -> Verdict:
     """ADMIT once size+mtime have been quiet for ``debounce`` seconds over at least
     ``min_observations`` observations (2 when polling, 1 with native events);
     NEVER_SETTLED if that has not happened ``max_settle`` seconds after the file was first
