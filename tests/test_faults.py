@@ -83,8 +83,7 @@ def test_api_refusal_quarantines_the_file(folders: Folders, api: FakeWithoutBG, 
     api.fail_next(1, status)
     with InProcessDaemon(folders.settings(api.url)) as run:
         drop(folders.inbox, "a.jpg", image_bytes(seed=13))
-        wait_for(lambda: (folders.quarantine / "a.jpg.error.json").exists())
-        (event,) = run.logs.events("file_quarantined")
+        (event,) = wait_for(lambda: run.logs.events("file_quarantined"))
         assert event["status"] == status and event["source"] == "api"
     record = json.loads((folders.quarantine / "a.jpg.error.json").read_text())
     assert record["error"]["status"] == status and record["error"]["source"] == "api"

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     result_cache_bytes: Annotated[int, Field(ge=0)] = 1024**3
 
     # process
-    shutdown_grace_seconds: Positive = 8.0
+    shutdown_grace_seconds: Positive = 6.0
     log_format: Literal["console", "json", "journal"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

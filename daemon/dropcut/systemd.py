@@ -82,6 +82,7 @@ __all__ = [
 ]
 
 IDENTIFIER = "dropcut"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 FIELD_PREFIX = "DROPCUT_"
 
 # ---------------------------------------------------------------------------------------
@@ -358,7 +359,9 @@ class JournalRenderer:
     nothing is lost and logging never raises into the daemon.
 
     ``send`` is injectable for tests; by default ``systemd.journal.send`` (systemd-python),
-    and without it the constructor raises ``JournalUnavailableError``.
+    and without it the constructor raises ``JournalUnavailableError``. libsystemd drops
+    entries silently when journald is not running, so when its socket is missing at
+    configure time the renderer says so once and writes every line to ``fallback``.
     """
 
     def __init__(
@@ -367,6 +370,7 @@ class JournalRenderer:
         *,
         fallback: Callable[[str], None] | None = None,
     ) -> None:
+        self._journal_missing = False
         if send is None:
             if _sd_journal is None:
                 raise JournalUnavailableError(
@@ -375,8 +379,14 @@ class JournalRenderer:
                     "log_format=json (under systemd, stderr reaches the journal too)"
                 )
             send = _sd_journal.send
+            # libsystemd silently drops entries when journald is not running: say so once
+            # and write the lines to stderr instead
+            if not os.path.exists(JOURNAL_SOCKET):
+                self._journal_missing = True
         self._send: Callable[..., None] = send
         self._fallback = fallback or _write_stderr
+        if self._journal_missing:
+            self._fallback(f"journald is not running ({JOURNAL_SOCKET} missing): logging to stderr")
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> NoReturn:
         fields: dict[str, Any] = dict(journal_fields(event_dict))
@@ -387,6 +397,9 @@ class JournalRenderer:
                 fields["CODE_LINE"] = int(fields["CODE_LINE"])
             except ValueError:
                 del fields["CODE_LINE"]
+        if self._journal_missing:
+            self._fallback(fields["MESSAGE"])
+            raise structlog.DropEvent
         try:
             self._send(**fields)
         except Exception as exc:  # never let logging kill the caller
