@@ -34,7 +34,7 @@ from dropcut.queue import JobQueue
 from dropcut.settings import ConfigError, Settings, load_settings
 from dropcut.settle import is_ignored_dir
 from dropcut.systemd import Notifier
-from dropcut.watch import InboxWatcher, detect_mode, inbox_problem, scan, watch_error_reason
+from dropcut.watch import InboxWatcher, ObserverFactory, detect_mode, inbox_problem, scan, watch_error_reason
 
 HEALTH_SECONDS = 2.0
 STATUS_SECONDS = 2.0
@@ -76,6 +76,8 @@ class Daemon:
         redactor: Redactor | None = None,
         notifier: Notifier | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        observer_factory: ObserverFactory | None = None,
+        mountinfo: Path = Path("/proc/self/mountinfo"),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -84,6 +86,8 @@ class Daemon:
         self._redactor = redactor or Redactor()
         self._notifier = notifier or Notifier()
         self._transport = transport
+        self._observer_factory = observer_factory
+        self._mountinfo = mountinfo
         self._clock = clock
         self._log = structlog.get_logger()
         self._stop_requested = False
@@ -169,7 +173,7 @@ class Daemon:
         )
         for job in published:
             self.dispatcher.finish_published(job)
-        self._watch_mode, reason, fstype = detect_mode(s.watch_mode, s.inbox)
+        self._watch_mode, reason, fstype = detect_mode(s.watch_mode, s.inbox, self._mountinfo)
         self.admission = Admission(
             s,
             queue=self.queue,
@@ -280,6 +284,7 @@ class Daemon:
             mode=self._watch_mode,
             poll_interval=self.settings.poll_interval_seconds,
             report=self._report,
+            observer_factory=self._observer_factory,
         )
         try:
             watcher.start()
@@ -295,6 +300,7 @@ class Daemon:
                     mode="poll",
                     poll_interval=self.settings.poll_interval_seconds,
                     report=self._report,
+                    observer_factory=self._observer_factory,
                 )
                 watcher.start()
             else:

@@ -153,6 +153,16 @@ class _Handler(FileSystemEventHandler):
             self._log.exception("watch_event_failed", path=repr(event.src_path))
 
 
+ObserverFactory = Callable[[str, float], BaseObserver]
+
+
+def default_observer(mode: str, poll_interval: float) -> BaseObserver:
+    """watchdog's polling observer, or its native one (inotify on Linux)."""
+    if mode == "poll":
+        return PollingObserver(timeout=poll_interval)
+    return Observer()
+
+
 class InboxWatcher:
     """A watchdog observer over the inbox that can be checked and rebuilt."""
 
@@ -163,21 +173,19 @@ class InboxWatcher:
         mode: str,
         poll_interval: float,
         report: Callable[[str, bool], None],
+        observer_factory: ObserverFactory | None = None,
     ) -> None:
         self.inbox = inbox
         self.mode = mode
         self._poll_interval = poll_interval
         self._report = report
+        self._factory = observer_factory or default_observer
         self._observer: BaseObserver | None = None
 
     def start(self) -> None:
         """Start watching; raises OSError when the watch cannot be set up (inotify limits,
         inbox gone)."""
-        observer: BaseObserver
-        if self.mode == "poll":
-            observer = PollingObserver(timeout=self._poll_interval)
-        else:
-            observer = Observer()
+        observer = self._factory(self.mode, self._poll_interval)
         observer.daemon = True
         observer.schedule(_Handler(self.inbox, self._report), os.fsdecode(self.inbox), recursive=True)
         observer.start()
