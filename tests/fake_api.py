@@ -66,8 +66,9 @@ produce more 200s than there were credits); the reservation is kept only by a re
 refunded for every other outcome, injected ``truncate``/``garbage`` 200s included.
 ``GET /available-credit`` reports the balance net of reservations in flight.
 
-``latency`` is slept (interruptibly, ``stop()`` cuts it short) after the body has been read,
-for every POST that passed step 3, before the answer is written.
+``latency`` is slept after the body has been read, for every POST that passed step 3,
+before the answer is written; ``stop()`` cuts the sleep short and the request is then
+dropped without an answer.
 
 Caveat: ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is process-global; if code in the same
 process sets it, truncated images are no longer answered 422 by this in-process fake.
@@ -90,7 +91,7 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -132,6 +133,8 @@ _MIB = 1024 * 1024
 _READ_CHUNK = 256 * 1024
 # Bodies announced above this are not even drained: answer 413 and close the connection.
 _HARD_DRAIN_CAP = 256 * _MIB
+_CACHE_ENTRIES = 64
+_CACHE_BYTES = 128 * _MIB
 
 FaultKind = Literal["fail", "drop", "truncate", "garbage"]
 
@@ -187,9 +190,9 @@ class _Upload:
     """What could be learned from a request body."""
 
     too_large: bool = False  # request or file part over the limit
-    multipart: bool = False
     data: bytes | None = None  # the `file` part
     filename: str | None = None
+    sha256: str | None = None  # of data
 
 
 @dataclass
@@ -326,6 +329,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def version_string(self) -> str:
+        return self.server_version
+
     @property
     def fake(self) -> FakeWithoutBG:
         return self.server.fake
@@ -438,13 +444,14 @@ class _Handler(BaseHTTPRequestHandler):
             return _Upload()
         if not msg.is_multipart():
             return _Upload()
-        upload = _Upload(multipart=True)
+        upload = _Upload()
         for part in msg.iter_parts():
             if part.get_param("name", header="content-disposition") != "file":
                 continue
             payload = part.get_payload(decode=True)
             if isinstance(payload, bytes):
                 upload.data = payload
+                upload.sha256 = hashlib.sha256(payload).hexdigest()
                 upload.filename = part.get_filename()
                 upload.too_large = len(payload) > self.fake.max_bytes
                 break
@@ -536,7 +543,9 @@ class _Handler(BaseHTTPRequestHandler):
                 reply = _json_reply(adm.status, adm.detail)
             else:
                 fake._sleep_latency()
-                if adm.fault is not None:
+                if fake._stopping.is_set():  # stop() during the latency: hang up
+                    reply = _Reply(0, kind="drop")
+                elif adm.fault is not None:
                     reply = self._fault_reply(adm.fault, upload, alpha_only)
                 else:
                     reply = self._upload_reply(upload, alpha_only)
@@ -560,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
                 arrived=adm.arrived,
                 path=self.path,
                 status=reply.status,
-                sha256=hashlib.sha256(data).hexdigest() if data is not None else None,
+                sha256=upload.sha256,
                 filename=upload.filename,
                 size=len(data) if data is not None else None,
                 api_key_ok=adm.api_key_ok,
@@ -581,7 +590,7 @@ class _Handler(BaseHTTPRequestHandler):
             return _Reply(200, json.dumps({"detail": "this is not a PNG"}).encode(), "image/png")
         # truncate: promise the whole PNG, send half of it, hang up.
         im = _decode(upload.data) if upload.data and not upload.too_large else None
-        png = _render(im, alpha_only) if im is not None else _placeholder_png()
+        png = self.fake._rendered(upload, im, alpha_only) if im is not None else _placeholder_png()
         return _Reply(200, png, "image/png", kind="truncate")
 
     def _upload_reply(self, upload: _Upload, alpha_only: bool) -> _Reply:
@@ -594,7 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
         im = _decode(upload.data)
         if im is None:
             return _json_reply(422, MSG_VALIDATION)
-        return _Reply(200, _render(im, alpha_only), "image/png")
+        return _Reply(200, self.fake._rendered(upload, im, alpha_only), "image/png")
 
 
 class FakeWithoutBG:
@@ -632,6 +641,8 @@ class FakeWithoutBG:
         self._expired = False
         self._window: list[float] = []  # arrival times of counted POSTs, sorted
         self._faults: deque[_Fault] = deque()
+        self._cache: OrderedDict[tuple[str, bool], bytes] = OrderedDict()
+        self._cache_bytes = 0
         self._records: list[RequestRecord] = []
         self._seq = 0
         self._credit_checks = 0
@@ -865,6 +876,24 @@ class FakeWithoutBG:
             if self._faults:
                 adm.fault = self._faults.popleft()
             return adm
+
+    def _rendered(self, upload: _Upload, im: Image.Image, alpha_only: bool) -> bytes:
+        """``_render`` with a small LRU cache keyed by the upload's sha256 (benchmarks resend
+        the same photos; PNG encoding is most of the fake's CPU time)."""
+        key = (upload.sha256 or "", alpha_only)
+        with self._lock:
+            png = self._cache.get(key)
+            if png is not None:
+                self._cache.move_to_end(key)
+                return png
+        png = _render(im, alpha_only)
+        with self._lock:
+            self._cache[key] = png
+            self._cache_bytes += len(png)
+            while self._cache_bytes > _CACHE_BYTES or len(self._cache) > _CACHE_ENTRIES:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= len(old)
+        return png
 
     def _refund(self, adm: _Admission) -> None:
         if adm.reserved_credit:

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import structlog
+from PIL import Image
 
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
@@ -31,7 +32,7 @@ from dropcut.queue import Job, JobQueue
 from dropcut.settings import Settings
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_CHECK_SECONDS = 5.0
+DISK_CHECK_SECONDS = 2.0
 SERVICE_WIDE = ("rate_limited", "server_error", "connection_error", "timeout")
 
 
@@ -43,10 +44,19 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     )
 
 
-def space_needed(size: int) -> int:
-    """Free bytes wanted on the outbox before a request is spent on a file of ``size``:
-    an RGBA PNG can be several times its JPEG input."""
-    return 8 * size + 16 * 1024 * 1024
+def space_needed(width: int, height: int) -> int:
+    """Free bytes wanted on the outbox before a request is spent on an image: its RGBA cut-out
+    uncompressed (a PNG is never much larger), plus room for the archive's staging."""
+    return 4 * width * height + 256 * 1024
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Width and height from the image header (Pillow reads no pixels for this)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError):
+        return (0, 0)
 
 
 class Dispatcher:
@@ -184,11 +194,11 @@ class Dispatcher:
                 log.error("spool_missing")
                 self._queue.forget(job.id)
                 return
-            if not self._enough_space(job):
+            full = self._short_of_space(spool)
+            if full is not None:
+                # Checked before the request: a result we could not store is a wasted credit.
                 self._queue.release(job.id)
-                self._pause(
-                    code="disk_full", status=None, detail=f"little free space on {self._layout.outbox}"
-                )
+                self._disk_full(job, full, "not enough free space for the result")
                 return
             await self._send(job, spool, log)
         except asyncio.CancelledError:
@@ -198,19 +208,23 @@ class Dispatcher:
         except OSError as exc:
             if exc.errno in DISK_ERRNOS:
                 self._queue.release(job.id)
-                self._pause(code="disk_full", status=None, detail=f"{exc.strerror}: {exc.filename}")
-                self._log.error("disk_full", file=job.rel_path, path=str(exc.filename))
+                self._disk_full(job, Path(str(exc.filename or self._layout.outbox)), str(exc.strerror))
                 return
             self._queue.release(job.id)
             log.exception("job_failed")
             self._hold_until = max(self._hold_until, self._clock() + 5.0)
 
-    def _enough_space(self, job: Job) -> bool:
-        try:
-            usage = shutil.disk_usage(self._layout.outbox)
-        except OSError:
-            return True
-        return usage.free >= space_needed(job.size)
+    def _short_of_space(self, spool: Path | None) -> Path | None:
+        """A folder we write to that lacks room for this image's result, or None."""
+        need = space_needed(*image_size(spool)) if spool is not None else 256 * 1024
+        for root in self._layout.output_roots():
+            if root.exists() and _free_bytes(root) < need:
+                return root
+        return None
+
+    def _disk_full(self, job: Job, where: Path, detail: str) -> None:
+        self._log.error("disk_full", file=job.rel_path, path=str(where), detail=detail)
+        self._pause(code="disk_full", status=None, detail=f"{detail}: {where}")
 
     def _copy_to_outbox_staging(self, source: Any) -> Any:
         from dropcut.publish import copy_to_staging
@@ -333,6 +347,11 @@ class Dispatcher:
             except FileNotFoundError:
                 pass
 
+    def _space_is_back(self) -> bool:
+        """Room again for the next queued image on every folder we write to?"""
+        job = self._queue.peek()
+        return self._short_of_space(self._layout.spool_file(job.sha256) if job else None) is None
+
     # --- account ---------------------------------------------------------------------------
 
     async def credit_loop(self) -> None:
@@ -353,9 +372,10 @@ class Dispatcher:
     async def check_credit(self) -> None:
         paused = self.paused
         if paused is not None and paused.get("code") == "disk_full":
-            usage = shutil.disk_usage(self._layout.outbox)
-            if usage.free >= space_needed(self.settings.max_file_bytes):
+            if self._space_is_back():
                 self._resume("disk_space_available")
+                for job in self._queue.published_jobs():
+                    self.finish_published(job)
             return
         credit = await self._client.available_credit()
         if credit.outcome is not None:
@@ -379,6 +399,13 @@ class Dispatcher:
         self._low_credit = low
         if paused is not None and credit.usable and not _expired(credit.expiration_date, self._clock()):
             self._resume("account_usable")
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62  # unknown: do not pause on it
 
 
 def _expired(expiration: str | None, now: float) -> bool:

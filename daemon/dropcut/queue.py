@@ -235,6 +235,18 @@ class JobQueue:
             db.execute("UPDATE jobs SET state='inflight', updated_at=? WHERE id=?", (now, row["id"]))
         return _job(row)
 
+    def peek(self) -> Job | None:
+        """The job :meth:`claim` would take next, ignoring its due time."""
+        row = self._conn.execute(
+            "SELECT * FROM jobs WHERE state='queued' ORDER BY next_attempt_at, id LIMIT 1"
+        ).fetchone()
+        return None if row is None else _job(row)
+
+    def published_jobs(self) -> list[Job]:
+        """Jobs whose output is durable but whose input was not moved yet."""
+        rows = self._conn.execute("SELECT * FROM jobs WHERE state='published'").fetchall()
+        return [_job(r) for r in rows]
+
     def next_due(self) -> float | None:
         row = self._conn.execute("SELECT MIN(next_attempt_at) AS t FROM jobs WHERE state='queued'").fetchone()
         return None if row["t"] is None else float(row["t"])

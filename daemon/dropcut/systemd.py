@@ -17,10 +17,10 @@ without it:
     without it is plausible, and under ``Type=notify`` a daemon that never sends
     ``READY=1`` is killed after ``TimeoutStartSec=`` and one that never sends
     ``WATCHDOG=1`` is killed every ``WatchdogSec=`` — a far worse failure than a missing
-    optional feature. The notify protocol is a documented, stable interface that systemd
-    explicitly invites to be reimplemented (sd_notify(3), "Notes"; systemd >= 255 ships a
-    reference implementation in that man page), and the sender below is exactly that
-    protocol for the two address forms systemd 252 supports. The same stdlib sender is used
+    optional feature. The notify protocol is documented as a stable interface meant to be
+    spoken without libsystemd (recent sd_notify(3) man pages even include a standalone
+    reference implementation), and the sender below is exactly that protocol for the two
+    address forms systemd 252 supports. The same stdlib sender is used
     when the caller hands in an ``env`` whose ``NOTIFY_SOCKET`` differs from the process
     environment, because sd_notify only ever reads the process environment.
 
@@ -38,7 +38,9 @@ without it:
     stdlib fallback for the journal's native protocol (it needs memfd passing for large
     entries); without systemd-python ``JournalRenderer()`` raises
     ``JournalUnavailableError`` at configure time, and ``log_format=json`` is the
-    alternative (under systemd, stderr goes to the journal as well).
+    alternative (under systemd, stderr goes to the journal as well). libsystemd drops
+    entries silently when journald is not running; the renderer checks for journald's
+    socket at configure time and, if it is missing, says so and writes to stderr instead.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class Notifier:
         self._address = address
         self.enabled = address is not None
         self._watchdog_usec = _positive_int(environ.get("WATCHDOG_USEC"))
-        self._watchdog_pid = _positive_int(environ.get("WATCHDOG_PID"))
+        self._watchdog_pid_raw = environ.get("WATCHDOG_PID")
         self._lock = threading.Lock()
         self._last_status: str | None = None
         self._failing = False
@@ -136,7 +138,7 @@ class Notifier:
 
     @property
     def backend(self) -> str:
-        """``"libsystemd"``, ``"stdlib"`` or ``"none"`` (for ``dropcut status`` and tests)."""
+        """``"libsystemd"``, ``"stdlib"`` or ``"none"`` (diagnostics, tests)."""
         if not self.enabled:
             return "none"
         return "libsystemd" if self._use_libsystemd else "stdlib"
@@ -193,7 +195,9 @@ class Notifier:
         ``$WATCHDOG_PID`` is unset or names this process; else ``None`` (no watchdog)."""
         if self._watchdog_usec is None:
             return None
-        if self._watchdog_pid is not None and self._watchdog_pid != os.getpid():
+        # like sd_watchdog_enabled(): a WATCHDOG_PID that is not ours (or unparsable) = off
+        raw_pid = self._watchdog_pid_raw
+        if raw_pid is not None and _positive_int(raw_pid) != os.getpid():
             return None
         return self._watchdog_usec / 2 / 1_000_000
 
