@@ -113,7 +113,9 @@ class Folders:
 
     def files(self, root: Path) -> list[str]:
         return sorted(
-            str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".dropcut-staging" not in p.parts
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and ".dropcut-staging" not in p.parts
         )
 
 
@@ -121,7 +123,9 @@ def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), seed: int |
     """A small valid image with unique content (random noise from ``seed``)."""
     rng = random.Random(seed)
     img = Image.new("RGB", size)
-    img.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(size[0] * size[1])])
+    img.putdata(
+        [(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(size[0] * size[1])]
+    )
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
@@ -185,7 +189,9 @@ class InProcessDaemon:
 
     def start(self, timeout: float = 15.0) -> InProcessDaemon:
         self._thread.start()
-        wait_for(lambda: self.daemon.started or self.error is not None or not self._thread.is_alive(), timeout)
+        wait_for(
+            lambda: self.daemon.started or self.error is not None or not self._thread.is_alive(), timeout
+        )
         if self.error is not None:
             raise self.error
         return self

@@ -96,10 +96,18 @@ def test_api_refusal_quarantines_the_file(folders: Folders, api: FakeWithoutBG, 
 @pytest.mark.parametrize(
     ("setup", "fix", "code"),
     [
-        pytest.param(lambda a: setattr(a, "credit", 0), lambda a: setattr(a, "credit", 100),
-                     "insufficient_credit", id="402"),
-        pytest.param(lambda a: setattr(a, "expired", True), lambda a: setattr(a, "expired", False),
-                     "credits_expired", id="403"),
+        pytest.param(
+            lambda a: setattr(a, "credit", 0),
+            lambda a: setattr(a, "credit", 100),
+            "insufficient_credit",
+            id="402",
+        ),
+        pytest.param(
+            lambda a: setattr(a, "expired", True),
+            lambda a: setattr(a, "expired", False),
+            "credits_expired",
+            id="403",
+        ),
     ],
 )
 def test_account_problems_pause_and_resume(folders: Folders, api: FakeWithoutBG, setup, fix, code) -> None:  # type: ignore[no-untyped-def]
@@ -143,7 +151,9 @@ def test_same_content_costs_one_request(folders: Folders, api: FakeWithoutBG) ->
         wait_for(lambda: (folders.archive / "a.jpg").exists())
         drop(folders.inbox, "other/b.jpg", data)
         drop(folders.inbox, "c.jpeg", data)
-        wait_for(lambda: (folders.archive / "other" / "b.jpg").exists() and (folders.archive / "c.jpeg").exists())
+        wait_for(
+            lambda: (folders.archive / "other" / "b.jpg").exists() and (folders.archive / "c.jpeg").exists()
+        )
         assert (folders.outbox / "a.png").read_bytes() == (folders.outbox / "other" / "b.png").read_bytes()
         assert (folders.outbox / "c.png").read_bytes() == (folders.outbox / "a.png").read_bytes()
         assert len(run.logs.events("result_reused")) == 2

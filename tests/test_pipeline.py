@@ -34,8 +34,14 @@ def test_drop_gives_png_and_archives_input(folders: Folders, api: FakeWithoutBG)
         assert (folders.archive / "shop" / "shoe.jpg").read_bytes() == data
         assert not (folders.inbox / "shop" / "shoe.jpg").exists()
         names = [e["event"] for e in run.logs.events()]
-        for step in ("daemon_started", "file_admitted", "job_queued", "upload_started",
-                     "upload_succeeded", "output_written"):
+        for step in (
+            "daemon_started",
+            "file_admitted",
+            "job_queued",
+            "upload_started",
+            "upload_succeeded",
+            "output_written",
+        ):
             assert step in names, step
         assert names.index("file_admitted") < names.index("upload_started") < names.index("output_written")
     records = api.records()

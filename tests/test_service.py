@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -102,7 +103,7 @@ def test_hung_loop_stops_watchdog_pings(tmp_path: Path, notify: NotifySocket, ap
         before = time.monotonic()
         wait_for(lambda: any(t > before + hang for t, m in notify.messages if m == "WATCHDOG=1"), timeout=10)
     pings = [t for t, m in notify.messages if m == "WATCHDOG=1"]
-    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert max(gaps) >= hang * 0.9, "no ping while the loop hung"
     normal = sorted(gaps)[len(gaps) // 2]
     assert normal <= 0.15, f"pings every half WATCHDOG_USEC normally, got median {normal:.3f} s"
@@ -132,7 +133,9 @@ def write_config(path: Path, folders: Folders, api_url: str, **values: object) -
     return path
 
 
-def test_reload_applies_key_rate_and_debounce(tmp_path: Path, notify: NotifySocket, api: FakeWithoutBG) -> None:
+def test_reload_applies_key_rate_and_debounce(
+    tmp_path: Path, notify: NotifySocket, api: FakeWithoutBG
+) -> None:
     folders = Folders.make(tmp_path / "f")
     config = write_config(tmp_path / "dropcut.toml", folders, api.url, api_key="old-wrong-key")
     notifier = Notifier(env={"NOTIFY_SOCKET": str(notify.path)})
