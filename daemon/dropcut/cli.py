@@ -65,8 +65,13 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from dropcut.logs import configure
     from dropcut.service import AlreadyRunning, Daemon
+    from dropcut.systemd import JournalUnavailableError
 
-    redactor = configure(settings.log_format or "json", settings.log_level)
+    try:
+        redactor = configure(settings.log_format or "json", settings.log_level)
+    except JournalUnavailableError as exc:
+        print(f"dropcut: cannot start: log_format=journal: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     daemon = Daemon(settings, config_path=args.config, redactor=redactor)
     try:
         daemon.run()
