@@ -61,8 +61,7 @@ def test_local_refusals_never_reach_the_api(folders: Folders, api: FakeWithoutBG
         drop(folders.inbox, "empty.png", b"")
         drop(folders.inbox, "ok.png", good)
         expected = {"big.png": 413, "notes.jpg": 415, "cut.jpg": 422, "empty.png": 422}
-        for name in expected:
-            wait_for(lambda n=name: (folders.quarantine / f"{n}.error.json").exists())
+        wait_for(lambda: {e["file"] for e in run.logs.events("file_quarantined")} == set(expected))
         wait_for(lambda: (folders.outbox / "ok.png").exists())
         for name, status in expected.items():
             record = json.loads((folders.quarantine / f"{name}.error.json").read_text())

@@ -36,6 +36,13 @@ from dropcut.settle import (
 
 TICK_SECONDS = 0.05
 GRACE_CODES_STATUS = (415, 422)
+SETTLE_BATCH = 2048  # candidates looked at per settle step (the loop stays responsive)
+INSPECT_BATCH = 256  # admitted files one inspector takes at once (one thread hop, one commit)
+INSPECT_SLICE_SECONDS = 0.2  # ... but their results are recorded at least this often
+
+
+def _signature(rel: str, st: os.stat_result) -> tuple[str, int, int, int]:
+    return (rel, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 @dataclass
@@ -114,28 +121,60 @@ class Admission:
         while True:
             now = self._clock()
             due: list[str] = []
-            while self._heap and self._heap[0][0] <= now:
+            while self._heap and self._heap[0][0] <= now and len(due) < SETTLE_BATCH:
                 when, rel = heapq.heappop(self._heap)
                 cand = self._candidates.get(rel)
                 if cand is not None and cand.due == when:
                     due.append(rel)
             if due:
                 stats = await asyncio.to_thread(self._stat_all, due)
-                for rel, st in zip(due, stats, strict=True):
-                    self._settle_one(rel, st, self._clock())
-            await asyncio.sleep(TICK_SECONDS)
+                pairs = list(zip(due, stats, strict=True))
+                known = self._queue.known_signatures([_signature(rel, st) for rel, st in pairs if st])
+                for rel, st in pairs:
+                    state = None if st is None else known[_signature(rel, st)]
+                    self._settle_one(rel, st, self._clock(), state)
+            if self._heap and self._heap[0][0] <= self._clock():
+                await asyncio.sleep(0)  # more are due already: go on after letting others run
+            else:
+                await asyncio.sleep(TICK_SECONDS)
 
     def _stat_all(self, rels: list[str]) -> list[os.stat_result | None]:
+        """``stat_entry`` of each path (None when gone or unreadable), opening each folder
+        once for all its files rather than once per file."""
         inbox = self.settings.inbox
-        out: list[os.stat_result | None] = []
-        for rel in rels:
+        by_dir: dict[str, list[int]] = {}
+        for i, rel in enumerate(rels):
+            parent, _, name = rel.rpartition("/")
+            if name in ("", ".", "..") or "\x00" in rel:
+                parent = "\x00"  # not a plain path: stat_entry says why
+            by_dir.setdefault(parent, []).append(i)
+        out: list[os.stat_result | None] = [None] * len(rels)
+        for parent, indexes in by_dir.items():
+            fd = -1
+            if parent != "\x00":
+                try:
+                    fd = insp.open_dir_nofollow(inbox, parent)
+                except (OSError, ValueError):
+                    fd = -1  # a link, gone, unreadable, odd: file by file, as stat_entry sees it
+            if fd < 0:
+                for i in indexes:
+                    try:
+                        out[i] = insp.stat_entry(inbox, rels[i])
+                    except OSError:
+                        out[i] = None
+                continue
             try:
-                out.append(insp.stat_entry(inbox, rel))
-            except OSError:
-                out.append(None)
+                for i in indexes:
+                    try:
+                        out[i] = os.stat(rels[i].rpartition("/")[2], dir_fd=fd, follow_symlinks=False)
+                    except OSError:
+                        out[i] = None
+            finally:
+                os.close(fd)
         return out
 
-    def _settle_one(self, rel: str, st: os.stat_result | None, now: float) -> None:
+    def _settle_one(self, rel: str, st: os.stat_result | None, now: float, state: str | None) -> None:
+        """``state``: what :meth:`JobQueue.known_signature` says about ``st``."""
         cand = self._candidates.get(rel)
         if cand is None:
             return
@@ -143,7 +182,6 @@ class Admission:
             del self._candidates[rel]
             self._failures.pop(rel, None)
             return
-        state = self._queue.known_signature(rel, st.st_size, st.st_mtime_ns, st.st_ino)
         if state is not None:
             del self._candidates[rel]
             self._log.debug("file_known", file=rel, state=state)
@@ -189,27 +227,88 @@ class Admission:
     # --- inspect -------------------------------------------------------------------------
 
     async def inspect_loop(self) -> None:
-        """One inspector: read, check and spool admitted files in a worker thread."""
+        """One inspector: read, check and spool admitted files in a worker thread.
+
+        Takes every admitted file waiting (up to ``INSPECT_BATCH``) at once: one thread
+        hop for all of them, and the admitted ones are queued in one transaction (at least
+        every ``INSPECT_SLICE_SECONDS``), instead of one hop and one commit per file.
+        """
         while True:
-            rel, seen = await self._work.get()
+            batch = [await self._work.get()]
+            while len(batch) < INSPECT_BATCH and not self._work.empty():
+                batch.append(self._work.get_nowait())
             try:
-                result = await asyncio.to_thread(
-                    insp.inspect_file,
-                    self.settings.inbox,
-                    rel,
-                    spool_dir=self._spool_dir,
-                    max_bytes=self.settings.max_file_bytes,
-                )
-                self._handle(rel, seen, result)
+                while batch:
+                    s = self.settings
+                    results = await asyncio.to_thread(
+                        self._inspect_some,
+                        [rel for rel, _ in batch],
+                        s.inbox,
+                        s.max_file_bytes,
+                    )
+                    done, batch = batch[: len(results)], batch[len(results) :]
+                    try:
+                        self._handle_all(done, results)
+                    finally:
+                        self._release(done)
+            finally:
+                self._release(batch)  # cancelled (shutdown) before these were looked at
+
+    def _inspect_some(
+        self, rels: list[str], inbox: Path, max_bytes: int
+    ) -> list[insp.Inspection | Exception]:
+        """Inspect ``rels`` in order (worker thread) until they are done or the time
+        slice is used up; an exception is returned in place of its file's result."""
+        out: list[insp.Inspection | Exception] = []
+        until = time.monotonic() + INSPECT_SLICE_SECONDS
+        for rel in rels:
+            try:
+                out.append(insp.inspect_file(inbox, rel, spool_dir=self._spool_dir, max_bytes=max_bytes))
+            except Exception as exc:
+                out.append(exc)
+            if time.monotonic() >= until:
+                break
+        return out
+
+    def _release(self, done: list[tuple[str, Seen]]) -> None:
+        for rel, _ in done:
+            self._busy.discard(rel)
+            if rel in self._recheck:
+                self._recheck.discard(rel)
+                self.notice(rel)
+
+    def _handle_all(self, done: list[tuple[str, Seen]], results: list[insp.Inspection | Exception]) -> None:
+        """Act on inspection results; the admitted files are queued together."""
+        jobs: list[NewJob] = []
+        for (rel, seen), result in zip(done, results, strict=True):
+            if isinstance(result, Exception):
+                self._log.error("inspect_failed", file=rel, exc_info=result)
+                continue
+            try:
+                job = self._handle(rel, seen, result)
             except Exception:
                 self._log.exception("inspect_failed", file=rel)
-            finally:
-                self._busy.discard(rel)
-                if rel in self._recheck:
-                    self._recheck.discard(rel)
-                    self.notice(rel)
+                continue
+            if job is not None:
+                jobs.append(job)
+        if not jobs:
+            return
+        try:
+            queued = self._queue.enqueue_many(jobs, requeue_done=self.settings.on_success != "keep")
+        except Exception:
+            for job in jobs:
+                self._log.exception("inspect_failed", file=job.rel_path)
+            return
+        for new, what in queued:
+            if what in ("queued", "requeued"):
+                again = what == "requeued"
+                self._log.info("job_queued", file=new.rel_path, sha256=new.sha256, size=new.size, again=again)
+            else:
+                self._log.info("job_duplicate", file=new.rel_path, sha256=new.sha256, state=what)
+        self._on_queued()
 
-    def _handle(self, rel: str, seen: Seen, result: insp.Inspection) -> None:
+    def _handle(self, rel: str, seen: Seen, result: insp.Inspection) -> NewJob | None:
+        """Act on one result; an admitted file is returned as the job to queue."""
         log = self._log.bind(file=rel)
         match result:
             case insp.Inspected():
@@ -224,7 +323,7 @@ class Admission:
                     width=result.width,
                     height=result.height,
                 )
-                job = NewJob(
+                return NewJob(
                     rel_path=rel,
                     sha256=result.sha256,
                     size=result.size,
@@ -234,14 +333,6 @@ class Admission:
                     format=result.format,
                     first_seen=seen.first_seen,
                 )
-                for new, what in self._queue.enqueue_many(
-                    [job], requeue_done=self.settings.on_success != "keep"
-                ):
-                    if what in ("queued", "requeued"):
-                        log.info("job_queued", sha256=new.sha256, size=new.size, again=what == "requeued")
-                    else:
-                        log.info("job_duplicate", sha256=new.sha256, state=what)
-                self._on_queued()
             case insp.Refused():
                 if (
                     result.status in GRACE_CODES_STATUS
@@ -264,7 +355,7 @@ class Admission:
                             after_s=self.settings.corrupt_grace_seconds,
                         )
                         self.notice(rel, due=first.at + self.settings.corrupt_grace_seconds)
-                        return
+                        return None
                 self._failures.pop(rel, None)
                 self._quarantine_local(rel, seen, result)
             case insp.Rejected():
@@ -280,24 +371,42 @@ class Admission:
                 log.debug("file_vanished")
             case insp.Changed():
                 self.notice(rel)
+        return None
 
     def _quarantine_local(self, rel: str, seen: Seen, refused: insp.Refused) -> None:
+        error: dict[str, object] = {
+            "status": refused.status,
+            "code": refused.code,
+            "detail": refused.detail,
+            "source": "local",
+        }
+        job = NewJob(
+            rel_path=rel,
+            sha256=refused.sha256 or "",
+            size=refused.size or 0,
+            mtime_ns=refused.mtime_ns or 0,
+            inode=refused.inode or 0,
+            device=refused.device or 0,
+            format="",
+            first_seen=seen.first_seen,
+        )
+
+        def intent(q_rel: str) -> None:
+            # committed before the move: a crash in between is finished at the next start
+            self._queue.add_quarantined(job, {**error, "quarantined_as": q_rel}, state="quarantining")
+
         try:
             placed = self._publisher.quarantine_input(
                 rel_path=rel,
                 sha256=refused.sha256,
                 size=refused.size,
                 identity=(refused.size, refused.mtime_ns, refused.inode, refused.device),
-                error={
-                    "status": refused.status,
-                    "code": refused.code,
-                    "detail": refused.detail,
-                    "source": "local",
-                },
+                error=dict(error),
                 attempts=0,
                 first_seen=seen.first_seen,
                 history=[],
                 spool=None,
+                before_move=intent,
             )
         except OSError as exc:
             self._log.error("quarantine_failed", file=rel, error=str(exc))
@@ -306,25 +415,7 @@ class Admission:
             # The file changed or went away since it was checked: look again.
             self.notice(rel)
             return
-        self._queue.add_quarantined(
-            NewJob(
-                rel_path=rel,
-                sha256=refused.sha256 or "",
-                size=refused.size or 0,
-                mtime_ns=refused.mtime_ns or 0,
-                inode=refused.inode or 0,
-                device=refused.device or 0,
-                format="",
-                first_seen=seen.first_seen,
-            ),
-            {
-                "status": refused.status,
-                "code": refused.code,
-                "detail": refused.detail,
-                "source": "local",
-                "quarantined_as": placed,
-            },
-        )
+        self._queue.add_quarantined(job, {**error, "quarantined_as": placed})
         self._log.warning(
             "file_quarantined",
             file=rel,

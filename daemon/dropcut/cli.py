@@ -175,7 +175,10 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     db = settings.state_dir / "queue.sqlite3"
     if not db.exists():
-        print("dropcut: no queue yet: nothing is quarantined", file=sys.stderr)
+        for path in args.paths:
+            print(f"dropcut: {path}: not quarantined (no queue yet)", file=sys.stderr)
+        if args.all:
+            print("dropcut: no queue yet: nothing is quarantined", file=sys.stderr)
         return EXIT_FAILURE
     from dropcut.publish import move_in
 
@@ -192,6 +195,9 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
                 failed += 1
         for job in jobs:
             q_rel = _q_rel(queue, job.id) or job.rel_path
+            # Forget the job first: a running daemon that sees the file come back must
+            # not take it for the quarantined job it was.
+            queue.forget(job.id)
             try:
                 back = move_in(settings.quarantine, q_rel, settings.inbox, numbered_candidates(job.rel_path))
             except OSError as exc:
@@ -203,7 +209,6 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             (settings.quarantine / error_json_rel(q_rel)).unlink(missing_ok=True)
-            queue.forget(job.id)
             print(f"requeued {q_rel} -> inbox/{back}")
     finally:
         queue.close()

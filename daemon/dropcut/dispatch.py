@@ -270,6 +270,7 @@ class Dispatcher:
                     handed_over = True
                     self._publish(job, staged, log, from_cache=False, entry=entry)
                 case Retry():
+                    entry["code"] = decision.code
                     if decision.code in SERVICE_WIDE:
                         # The service, not this file, is the problem: everyone waits, so
                         # an outage spends one job's attempts, not every job's.
@@ -287,6 +288,7 @@ class Dispatcher:
                 case Refuse():
                     self._quarantine(job, decision, entry, attempt, log)
                 case Pause():
+                    entry["code"] = decision.code
                     self._queue.retry_later(job.id, at=self._clock(), entry=entry, count_attempt=False)
                     self._pause(code=decision.code, status=decision.status, detail=decision.detail)
         finally:
@@ -316,20 +318,7 @@ class Dispatcher:
 
     def _quarantine(self, job: Job, decision: Refuse, entry: dict[str, Any], attempt: int, log: Any) -> None:
         error = {"status": decision.status, "code": decision.code, "detail": decision.detail, "source": "api"}
-        history = [*job.history, entry]
-        placed = self._publisher.quarantine_input(
-            rel_path=job.rel_path,
-            sha256=job.sha256,
-            size=job.size,
-            identity=(job.size, job.mtime_ns, job.inode, job.device),
-            error=error,
-            attempts=attempt,
-            first_seen=job.first_seen,
-            history=history,
-            spool=self._layout.spool_file(job.sha256),
-        )
-        self._queue.mark_quarantined(job.id, {**error, "quarantined_as": placed}, entry=entry)
-        self._drop_spool(job.sha256)
+        placed = self.finish_quarantine(job, error, entry=entry, attempts=attempt)
         log.warning(
             "file_quarantined",
             status=decision.status,
@@ -339,6 +328,39 @@ class Dispatcher:
             quarantined_as=placed,
             source="api",
         )
+
+    def finish_quarantine(
+        self,
+        job: Job,
+        error: dict[str, Any],
+        *,
+        entry: dict[str, Any] | None = None,
+        attempts: int | None = None,
+    ) -> str | None:
+        """Quarantine a job's input; the intent is committed before anything moves, so a
+        restart (``entry`` None, ``error`` as stored) finishes it without a second copy."""
+        history = [*job.history, entry] if entry is not None else job.history
+
+        def intent(q_rel: str) -> None:
+            if entry is not None:
+                self._queue.mark_quarantining(job.id, {**error, "quarantined_as": q_rel}, entry)
+
+        placed = self._publisher.quarantine_input(
+            rel_path=job.rel_path,
+            sha256=job.sha256,
+            size=job.size,
+            identity=(job.size, job.mtime_ns, job.inode, job.device),
+            error={k: v for k, v in error.items() if k != "quarantined_as"},
+            attempts=job.attempts if attempts is None else attempts,
+            first_seen=job.first_seen,
+            history=history,
+            spool=self._layout.spool_file(job.sha256) if job.sha256 else None,
+            q_rel=None if entry is not None else error.get("quarantined_as"),
+            before_move=intent,
+        )
+        self._queue.mark_quarantined(job.id, {**error, "quarantined_as": placed})
+        self._drop_spool(job.sha256)
+        return placed
 
     def _drop_spool(self, sha256: str) -> None:
         if not self._queue.sha_still_needed(sha256):

@@ -198,7 +198,7 @@ def move_in(
                 fsync_dir(dst_fd)
                 fsync_dir(src_fd)
                 return dst_rel
-    raise AssertionError("candidates is endless")
+    raise FileExistsError(errno.EEXIST, "every candidate name is taken", src_rel)
 
 
 def _copy_across(src_fd: int, src_name: str, dst_root: Path, dst_fd: int, dst_name: str) -> None:
@@ -310,14 +310,24 @@ class Publisher:
         first_seen: float,
         history: list[dict[str, Any]],
         spool: Path | None,
+        q_rel: str | None = None,
+        before_move: Callable[[str], None] | None = None,
     ) -> str | None:
         """Move the input (or, when it changed meanwhile, the spooled bytes that were
-        refused) to ``quarantine/<rel>`` and write ``<rel>.error.json`` first. Returns the
-        quarantine name, or None when there was nothing to quarantine."""
+        refused) to ``quarantine/<rel>``, writing ``<rel>.error.json`` first. Returns the
+        quarantine name, or None when there was nothing to quarantine.
+
+        ``before_move`` is told the chosen name before anything moves, so the caller can
+        record its intent; after a crash, calling again with that ``q_rel`` finishes the
+        job without a second copy.
+        """
         from_inbox = self.identity_matches(rel_path, identity)
+        if q_rel is not None and not from_inbox and self._in_quarantine(q_rel):
+            return q_rel  # moved before a crash
         if not from_inbox and (spool is None or not spool.exists()):
             return None
-        q_rel = pick_free(self.layout.quarantine, numbered_candidates(rel_path))
+        if q_rel is None:
+            q_rel = pick_free(self.layout.quarantine, numbered_candidates(rel_path))
         record = {
             "file": rel_path,
             "quarantined_as": q_rel,
@@ -330,10 +340,21 @@ class Publisher:
             "history": history,
         }
         write_json(self.layout.quarantine, error_json_rel(q_rel), record)
+        if before_move is not None:
+            before_move(q_rel)
         if from_inbox:
-            if move_in(self.layout.inbox, rel_path, self.layout.quarantine, [q_rel]) is None:
+            if move_in(self.layout.inbox, rel_path, self.layout.quarantine, [q_rel], sha256=sha256) is None:
                 return None
         else:
             assert spool is not None
             place(copy_to_staging(spool, self.layout.quarantine), self.layout.quarantine, q_rel)
         return q_rel
+
+    def _in_quarantine(self, q_rel: str) -> bool:
+        rel = PurePosixPath(q_rel)
+        try:
+            fd = open_dir_nofollow(self.layout.quarantine, str(rel.parent))
+        except OSError:
+            return False
+        with _dir(fd):
+            return _exists(rel.name, fd)

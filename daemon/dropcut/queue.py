@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from dropcut.pace import Slot
 
@@ -57,7 +58,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 ACTIVE_STATES = ("queued", "inflight", "published")
-STATES = ("queued", "inflight", "published", "done", "quarantined")
+SIGNATURE_CHUNK = 500  # paths per query in known_signatures (SQLite allows 999 parameters)
+STATES = ("queued", "inflight", "published", "done", "quarantining", "quarantined")
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def _job(row: sqlite3.Row) -> Job:
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open the database (creating it unless read-only) in WAL mode."""
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=10, isolation_level=None)
@@ -162,13 +164,35 @@ class JobQueue:
 
     def known_signature(self, rel_path: str, size: int, mtime_ns: int, inode: int) -> str | None:
         """State of the newest job for this path with this size, mtime and inode, if any:
-        a file seen again unchanged is not read again."""
+        a file seen again unchanged is not read again. Quarantined jobs do not count: a
+        quarantined file that is back in the inbox was put back to be tried again."""
         row = self._conn.execute(
             "SELECT state FROM jobs WHERE rel_path=? AND size=? AND mtime_ns=? AND inode=? "
-            "ORDER BY id DESC LIMIT 1",
+            "AND state != 'quarantined' ORDER BY id DESC LIMIT 1",
             (rel_path, size, mtime_ns, inode),
         ).fetchone()
         return None if row is None else str(row["state"])
+
+    def known_signatures(
+        self, files: Sequence[tuple[str, int, int, int]]
+    ) -> dict[tuple[str, int, int, int], str | None]:
+        """:meth:`known_signature` for many ``(rel_path, size, mtime_ns, inode)`` at once:
+        one query per ``SIGNATURE_CHUNK`` paths instead of one per file."""
+        found: dict[tuple[str, int, int, int], tuple[int, str]] = {}
+        paths = list(dict.fromkeys(f[0] for f in files))
+        for start in range(0, len(paths), SIGNATURE_CHUNK):
+            chunk = paths[start : start + SIGNATURE_CHUNK]
+            rows = self._conn.execute(
+                "SELECT id, rel_path, size, mtime_ns, inode, state FROM jobs "
+                f"WHERE state != 'quarantined' AND rel_path IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for job_id, rel_path, size, mtime_ns, inode, state in rows:
+                key = (rel_path, size, mtime_ns, inode)
+                best = found.get(key)
+                if best is None or job_id > best[0]:
+                    found[key] = (job_id, str(state))
+        return {f: (found[f][1] if f in found else None) for f in files}
 
     def enqueue_many(self, jobs: Iterable[NewJob], *, requeue_done: bool) -> list[tuple[NewJob, str]]:
         """Add admitted files; returns each with what happened: ``queued``, ``requeued``
@@ -290,6 +314,19 @@ class JobQueue:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state='done', updated_at=? WHERE id=?", (self._clock(), job_id))
 
+    def mark_quarantining(self, job_id: int, error: dict[str, Any], entry: dict[str, Any]) -> None:
+        """The move to quarantine is about to start (finished by :meth:`recover` after a crash)."""
+        with self._tx() as db:
+            self._append_history(db, job_id, entry)
+            db.execute(
+                "UPDATE jobs SET state='quarantining', updated_at=?, error=? WHERE id=?",
+                (self._clock(), json.dumps(error), job_id),
+            )
+
+    def quarantining_jobs(self) -> list[Job]:
+        rows = self._conn.execute("SELECT * FROM jobs WHERE state='quarantining'").fetchall()
+        return [_job(r) for r in rows]
+
     def mark_quarantined(
         self, job_id: int, error: dict[str, Any], entry: dict[str, Any] | None = None
     ) -> None:
@@ -301,14 +338,15 @@ class JobQueue:
                 (self._clock(), json.dumps(error), job_id),
             )
 
-    def add_quarantined(self, job: NewJob, error: dict[str, Any]) -> None:
-        """Record a file refused before it became a job (local validation)."""
+    def add_quarantined(self, job: NewJob, error: dict[str, Any], *, state: str = "quarantined") -> None:
+        """Record a file refused before it became a job (local validation); ``state`` is
+        ``quarantining`` while its move is under way."""
         now = self._clock()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, inode, device, format, "
                 "state, first_seen, updated_at, error) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (rel_path, sha256) DO UPDATE SET state='quarantined', "
+                "ON CONFLICT (rel_path, sha256) DO UPDATE SET state=excluded.state, "
                 "updated_at=excluded.updated_at, error=excluded.error",
                 (
                     job.rel_path,
@@ -318,7 +356,7 @@ class JobQueue:
                     job.inode,
                     job.device,
                     job.format,
-                    "quarantined",
+                    state,
                     job.first_seen,
                     now,
                     json.dumps(error),

@@ -173,6 +173,8 @@ class Daemon:
         )
         for job in published:
             self.dispatcher.finish_published(job)
+        for job in self.queue.quarantining_jobs():
+            self.dispatcher.finish_quarantine(job, self.queue.job_error(job.id) or {})
         self._watch_mode, reason, fstype = detect_mode(s.watch_mode, s.inbox, self._mountinfo)
         self.admission = Admission(
             s,
@@ -202,13 +204,13 @@ class Daemon:
         for coro in (
             self.admission.settle_loop(),
             *(self.admission.inspect_loop() for _ in range(INSPECTORS)),
-            self.dispatcher.run(),
             self.dispatcher.credit_loop(),
             self._rescan_loop(),
             self._health_loop(),
             self._heartbeat(),
         ):
             self._spawn(coro)
+        self._spawn(self.dispatcher.run(), name="dispatch")
         self.started = True
         self._notifier.ready()
         self._notifier.status(self.status_line())
@@ -216,8 +218,8 @@ class Daemon:
     def _min_observations(self) -> int:
         return 2 if self._watch_mode == "poll" else 1
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(self._guard(coro))
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        task = asyncio.create_task(self._guard(coro), name=name)
         self._tasks.append(task)
 
     async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -416,8 +418,15 @@ class Daemon:
     async def _shutdown(self) -> None:
         self._notifier.stopping()
         self._log.info("daemon_stopping")
+        # Stop admitting first (watch, rescans, settle, inspect), then give in-flight
+        # requests their grace period.
+        dispatching = {t for t in self._tasks if t.get_name() == "dispatch"}
+        for task in self._tasks:
+            if task not in dispatching:
+                task.cancel()
         if self._watcher is not None:
             await asyncio.to_thread(self._watcher.stop)
+            self._watcher = None
         cancelled = 0
         if hasattr(self, "dispatcher"):
             cancelled = await self.dispatcher.stop(self.settings.shutdown_grace_seconds)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -173,12 +175,18 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     class FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path)
 
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
     try:
         return FromFile(**overrides) if path is not None else Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
-    except ValueError as exc:  # TOML syntax errors
-        raise ConfigError(f"config file {path}: {exc}") from None
+    except SettingsError as exc:  # e.g. a DROPCUT_* list value that is not JSON
+        raise ConfigError(f"invalid environment: {exc}") from None
 
 
 def _one_line(exc: ValidationError) -> str:
