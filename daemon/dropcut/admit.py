@@ -29,6 +29,7 @@ from dropcut.settle import (
     Verdict,
     corrupt_verdict,
     is_ignored,
+    is_ignored_dir,
     next_check,
     observe,
     verdict,
@@ -36,6 +37,7 @@ from dropcut.settle import (
 
 TICK_SECONDS = 0.05
 GRACE_CODES_STATUS = (415, 422)
+DIR_CACHE = 65536  # folders whose ignore verdict is remembered
 SETTLE_BATCH = 2048  # candidates looked at per settle step (the loop stays responsive)
 INSPECT_BATCH = 256  # admitted files one inspector takes at once (one thread hop, one commit)
 INSPECT_SLICE_SECONDS = 0.2  # ... but their results are recorded at least this often
@@ -79,19 +81,20 @@ class Admission:
         self._failures: dict[str, FirstFailure] = {}
         self._reported: dict[str, str] = {}  # rel -> reason already logged (reject/unreadable)
         self._work: asyncio.Queue[tuple[str, Seen]] = asyncio.Queue()
+        self._dir_ignored: dict[str, bool] = {}  # folder -> is_ignored_dir, for this settings
         self._log = structlog.get_logger()
         self.admitted = 0
 
     def apply(self, settings: Settings, *, min_observations: int) -> None:
         self.settings = settings
+        self._dir_ignored = {}
         self._min_observations = min_observations
 
     # --- the watcher's side ----------------------------------------------------------
 
     def notice(self, rel_path: str, *, due: float | None = None) -> None:
         """A path may have changed (called on the event loop)."""
-        s = self.settings
-        if is_ignored(rel_path, s.ignore_patterns, s.ignore_dirs):
+        if self._ignored(rel_path):
             self._log.debug("file_ignored", file=rel_path)
             return
         if rel_path in self._busy:
@@ -105,6 +108,22 @@ class Admission:
             return  # already scheduled sooner
         cand.due = when
         heapq.heappush(self._heap, (when, rel_path))
+
+    def _ignored(self, rel_path: str) -> bool:
+        """:func:`is_ignored`, with the verdict on the folders remembered per folder (the
+        same for all files in it; this is most of the cost of a rescan's notices)."""
+        s = self.settings
+        parent, _, name = rel_path.rpartition("/")
+        if name in ("", "."):
+            return is_ignored(rel_path, s.ignore_patterns, s.ignore_dirs)
+        if is_ignored(name, s.ignore_patterns, ()):
+            return True
+        ignored = self._dir_ignored.get(parent)
+        if ignored is None:
+            if len(self._dir_ignored) >= DIR_CACHE:
+                self._dir_ignored.clear()
+            ignored = self._dir_ignored[parent] = is_ignored_dir(parent, s.ignore_dirs)
+        return ignored
 
     def forget_reports(self) -> None:
         """A full rescan starts: unreadable files are reported again if still so."""
@@ -219,7 +238,11 @@ class Admission:
             )
         else:
             step = s.poll_interval_seconds if self._min_observations > 1 else s.debounce_seconds
-            cand.due = max(next_check(seen, now=now, debounce=s.debounce_seconds), now + min(step, 1.0))
+            # A file that just changed is not looked at again sooner than min(step, 1 s);
+            # one unchanged since the last look is looked at again when its quiet time is
+            # up (waiting for that floor too only delayed its admission).
+            floor = min(step, 1.0) if seen.observations == 1 else TICK_SECONDS
+            cand.due = max(next_check(seen, now=now, debounce=s.debounce_seconds), now + floor)
             if self._min_observations > 1 and seen.observations < self._min_observations:
                 cand.due = max(now + min(s.debounce_seconds, step) / 2, now + TICK_SECONDS)
             heapq.heappush(self._heap, (cand.due, rel))

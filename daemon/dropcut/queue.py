@@ -109,6 +109,18 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+def _rows_at(
+    conn: sqlite3.Connection, columns: str, rel_paths: Iterable[str], *, where: str = "1"
+) -> Iterator[sqlite3.Row]:
+    """``columns`` of the jobs at these paths (and ``where``), ``SIGNATURE_CHUNK`` paths
+    per query."""
+    paths = list(dict.fromkeys(rel_paths))
+    for start in range(0, len(paths), SIGNATURE_CHUNK):
+        chunk = paths[start : start + SIGNATURE_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        yield from conn.execute(f"SELECT {columns} FROM jobs WHERE {where} AND rel_path IN ({marks})", chunk)
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open the database (creating it unless read-only) in WAL mode."""
     if readonly:
@@ -179,35 +191,34 @@ class JobQueue:
         """:meth:`known_signature` for many ``(rel_path, size, mtime_ns, inode)`` at once:
         one query per ``SIGNATURE_CHUNK`` paths instead of one per file."""
         found: dict[tuple[str, int, int, int], tuple[int, str]] = {}
-        paths = list(dict.fromkeys(f[0] for f in files))
-        for start in range(0, len(paths), SIGNATURE_CHUNK):
-            chunk = paths[start : start + SIGNATURE_CHUNK]
-            rows = self._conn.execute(
-                "SELECT id, rel_path, size, mtime_ns, inode, state FROM jobs "
-                f"WHERE state != 'quarantined' AND rel_path IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            for job_id, rel_path, size, mtime_ns, inode, state in rows:
-                key = (rel_path, size, mtime_ns, inode)
-                best = found.get(key)
-                if best is None or job_id > best[0]:
-                    found[key] = (job_id, str(state))
+        columns = "id, rel_path, size, mtime_ns, inode, state"
+        paths = [f[0] for f in files]
+        for job_id, rel_path, size, mtime_ns, inode, state in _rows_at(
+            self._conn, columns, paths, where="state != 'quarantined'"
+        ):
+            key = (rel_path, size, mtime_ns, inode)
+            best = found.get(key)
+            if best is None or job_id > best[0]:
+                found[key] = (job_id, str(state))
         return {f: (found[f][1] if f in found else None) for f in files}
 
     def enqueue_many(self, jobs: Iterable[NewJob], *, requeue_done: bool) -> list[tuple[NewJob, str]]:
         """Add admitted files; returns each with what happened: ``queued``, ``requeued``
         (the same content at the same path was done before and comes again), or the state
-        of the existing job (``queued``/``inflight``… — a duplicate, nothing added)."""
+        of the existing job (``queued``/``inflight``… — a duplicate, nothing added).
+
+        One transaction for all of them (one commit, one fsync); the jobs already known
+        for their paths are looked up together first."""
         now = self._clock()
+        todo = list(jobs)
         results: list[tuple[NewJob, str]] = []
         with self._tx() as db:
-            for job in jobs:
-                row = db.execute(
-                    "SELECT id, state FROM jobs WHERE rel_path=? AND sha256=?",
-                    (job.rel_path, job.sha256),
-                ).fetchone()
+            existing = self._jobs_at(db, [job.rel_path for job in todo])
+            for job in todo:
+                key = (job.rel_path, job.sha256)
+                row = existing.get(key)
                 if row is None:
-                    db.execute(
+                    cur = db.execute(
                         "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, inode, device, "
                         "format, state, first_seen, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                         (
@@ -223,24 +234,35 @@ class JobQueue:
                             now,
                         ),
                     )
+                    existing[key] = (int(cur.lastrowid or 0), "queued")
                     results.append((job, "queued"))
                     continue
+                job_id, state = row
                 # Same content at the same path: remember the new signature so rescans
                 # recognise the file without reading it again.
                 db.execute(
                     "UPDATE jobs SET size=?, mtime_ns=?, inode=?, device=? WHERE id=?",
-                    (job.size, job.mtime_ns, job.inode, job.device, row["id"]),
+                    (job.size, job.mtime_ns, job.inode, job.device, job_id),
                 )
-                if row["state"] in ("done", "quarantined") and requeue_done:
+                if state in ("done", "quarantined") and requeue_done:
                     db.execute(
                         "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=0, "
                         "first_seen=?, updated_at=?, error=NULL, history='[]' WHERE id=?",
-                        (job.first_seen, now, row["id"]),
+                        (job.first_seen, now, job_id),
                     )
+                    existing[key] = (job_id, "queued")
                     results.append((job, "requeued"))
                 else:
-                    results.append((job, str(row["state"])))
+                    results.append((job, state))
         return results
+
+    @staticmethod
+    def _jobs_at(db: sqlite3.Connection, rel_paths: Sequence[str]) -> dict[tuple[str, str], tuple[int, str]]:
+        """(id, state) of every job at these paths, by (rel_path, sha256)."""
+        found: dict[tuple[str, str], tuple[int, str]] = {}
+        for job_id, rel_path, sha256, state in _rows_at(db, "id, rel_path, sha256, state", rel_paths):
+            found[(rel_path, sha256)] = (int(job_id), str(state))
+        return found
 
     # --- the send loop -------------------------------------------------------------
 
