@@ -127,12 +127,6 @@ def test_outputs_archive_and_quarantine_on_another_file_system(
     assert sorted(r.sha256 or "" for r in api.records()) == sorted(sha(d) for d in inputs.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: publish._copy_across sets the copy's times with os.utime before dst.flush(); "
-    "a file smaller than the 8 KiB write buffer is only written by that flush, which moves its "
-    "mtime to 'now'",
-)
 def test_a_move_across_file_systems_keeps_the_modification_time(tmp_path: Path, tmpfs: Path) -> None:
     size = 3_000
     src_root = tmp_path / "inbox"
@@ -252,7 +246,9 @@ def test_a_crash_during_a_move_across_file_systems_never_loses_the_file(tmp_path
             if at_src:
                 assert os.stat(src).st_size == len(data)
             partial = staging_leftovers(dst_root)
-            seen.add("both" if at_src and at_dst else "dst" if at_dst else "src+partial" if partial else "src")
+            seen.add(
+                "both" if at_src and at_dst else "dst" if at_dst else "src+partial" if partial else "src"
+            )
             # what the daemon does after a restart: sweep staging, finish the move
             clean_staging(dst_root)
             assert move_in(src_root, rel, dst_root, numbered_candidates(rel), sha256=digest) == (

@@ -180,7 +180,9 @@ NOT_IMAGES = {
 def test_files_that_are_not_ignored_but_not_images_go_to_quarantine(
     folders: Folders, api: FakeWithoutBG
 ) -> None:
-    with InProcessDaemon(folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)) as run:
+    with InProcessDaemon(
+        folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)
+    ) as run:
         for name, (data, _) in NOT_IMAGES.items():
             drop(folders.inbox, name, data)
         wait_for(lambda: len(run.logs.events("file_quarantined")) == len(NOT_IMAGES))
@@ -232,8 +234,18 @@ NFC = unicodedata.normalize("NFC", "café.jpg")
 NFD = unicodedata.normalize("NFD", "café.jpg")
 LONG_ASCII = "L" * 251 + ".jpg"  # 255 bytes
 LONG_UTF8 = "é" * 125 + "x.jpg"  # 255 bytes of UTF-8, 131 characters
-AWKWARD = [NFC, NFD, "my photo  1 .jpg", "line\nbreak.jpg", "tab\there.jpg", LONG_ASCII, LONG_UTF8,
-           "Photo.jpg", "photo.jpg", "sub dir/ünïcödé 名前.jpg"]
+AWKWARD = [
+    NFC,
+    NFD,
+    "my photo  1 .jpg",
+    "line\nbreak.jpg",
+    "tab\there.jpg",
+    LONG_ASCII,
+    LONG_UTF8,
+    "Photo.jpg",
+    "photo.jpg",
+    "sub dir/ünïcödé 名前.jpg",
+]
 
 
 def test_awkward_names_each_get_their_own_output(folders: Folders, api: FakeWithoutBG) -> None:
@@ -266,7 +278,9 @@ def test_255_byte_names_can_still_be_quarantined_with_their_error_json(
 ) -> None:
     names = [LONG_ASCII, LONG_UTF8, "q" * 250 + ".jpeg"]
     junk = b"this is not a picture\n" * 3
-    with InProcessDaemon(folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)) as run:
+    with InProcessDaemon(
+        folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)
+    ) as run:
         for name in names:
             put(folders.inbox, name, junk)
         wait_for(lambda: len(run.logs.events("file_quarantined")) == len(names))
@@ -283,12 +297,6 @@ def test_255_byte_names_can_still_be_quarantined_with_their_error_json(
         assert records[name]["error"]["code"] == "unsupported_format"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a file name that is not valid UTF-8 (b'caf\\xe9.jpg' from an old SMB/zip client) "
-    "makes queue.JobQueue.known_signature raise UnicodeEncodeError in Admission.settle_loop: "
-    "the stage crashes and the whole daemon stops (and again at every start-up scan)",
-)
 def test_a_name_that_is_not_utf8_does_not_stop_the_daemon(folders: Folders, api: FakeWithoutBG) -> None:
     settings = folders.settings(api.url, rescan_interval_seconds=0.3, debounce_seconds=0.1, log_level="debug")
     with InProcessDaemon(settings) as run:
@@ -321,7 +329,9 @@ def test_inputs_mapping_to_the_same_output_never_overwrite_each_other(
         "sub/a.jpg": image_bytes("JPEG", (20, 20), seed=503),  # another folder: no collision
     }
     sizes = {"a.jpg": (80, 60), "a.png": (50, 40), "A.jpeg": (30, 70), "sub/a.jpg": (20, 20)}
-    with InProcessDaemon(folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)) as run:
+    with InProcessDaemon(
+        folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)
+    ) as run:
         for name, data in inputs.items():
             drop(folders.inbox, name, data)
         wait_for(lambda: len(run.logs.events("input_disposed")) == len(inputs))
@@ -345,7 +355,9 @@ def test_the_same_path_dropped_again_with_new_content_replaces_its_output(
 ) -> None:
     first = image_bytes("JPEG", (64, 48), seed=600)
     second = image_bytes("JPEG", (90, 70), seed=601)
-    with InProcessDaemon(folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)) as run:
+    with InProcessDaemon(
+        folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)
+    ) as run:
         drop(folders.inbox, "shoe.jpg", first)
         wait_for(lambda: (folders.archive / "shoe.jpg").exists())
         assert png_size(folders.outbox / "shoe.png") == (64, 48)

@@ -220,12 +220,6 @@ def test_idle_daemon_stops_at_once(folders: Folders, api: FakeWithoutBG, spawn: 
     assert proc.events("daemon_stopped")[0]["requeued"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a second `dropcut run` on the same state_dir raises AlreadyRunning inside "
-    "Daemon.serve(); its finally: _shutdown() still logs daemon_stopping/daemon_stopped for a "
-    "daemon that never started, then cli._run prints the refusal: three lines, not one",
-)
 def test_second_instance_refuses_with_one_line_and_exit_2(
     folders: Folders, api: FakeWithoutBG, spawn: Any
 ) -> None:

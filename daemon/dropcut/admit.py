@@ -77,7 +77,7 @@ class Admission:
         self._candidates: dict[str, _Candidate] = {}
         self._heap: list[tuple[float, str]] = []
         self._busy: set[str] = set()  # being inspected right now
-        self._recheck: set[str] = set()  # noticed again while being inspected
+        self._recheck: dict[str, float | None] = {}  # noticed again while being inspected
         self._failures: dict[str, FirstFailure] = {}
         self._reported: dict[str, str] = {}  # rel -> reason already logged (reject/unreadable)
         self._work: asyncio.Queue[tuple[str, Seen]] = asyncio.Queue()
@@ -97,8 +97,17 @@ class Admission:
         if self._ignored(rel_path):
             self._log.debug("file_ignored", file=rel_path)
             return
+        try:
+            rel_path.encode("utf-8")
+        except UnicodeEncodeError:
+            # Not UTF-8 (an old SMB or zip client): no name we could record or mirror.
+            if self._reported.get(rel_path) != "name_not_utf8":
+                self._reported[rel_path] = "name_not_utf8"
+                self._log.warning("file_rejected", file=repr(rel_path), reason="name_not_utf8")
+            return
         if rel_path in self._busy:
-            self._recheck.add(rel_path)
+            if due is not None or rel_path not in self._recheck:
+                self._recheck[rel_path] = due
             return
         when = self._clock() if due is None else due
         cand = self._candidates.get(rel_path)
@@ -126,8 +135,8 @@ class Admission:
         return ignored
 
     def forget_reports(self) -> None:
-        """A full rescan starts: unreadable files are reported again if still so."""
-        self._reported = {k: v for k, v in self._reported.items() if not v.startswith("unreadable")}
+        """A full rescan starts. Unreadable files are looked at again (the rescan notices
+        them) but reported only once: their report is kept until they change state."""
 
     @property
     def pending(self) -> int:
@@ -297,8 +306,7 @@ class Admission:
         for rel, _ in done:
             self._busy.discard(rel)
             if rel in self._recheck:
-                self._recheck.discard(rel)
-                self.notice(rel)
+                self.notice(rel, due=self._recheck.pop(rel))
 
     def _handle_all(self, done: list[tuple[str, Seen]], results: list[insp.Inspection | Exception]) -> None:
         """Act on inspection results; the admitted files are queued together."""

@@ -30,6 +30,7 @@ from dropcut.paths import Layout, output_candidates, output_key
 from dropcut.publish import Publisher, new_staging_file
 from dropcut.queue import Job, JobQueue
 from dropcut.settings import Settings
+from dropcut.watch import inbox_problem
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_CHECK_SECONDS = 2.0
@@ -300,21 +301,36 @@ class Dispatcher:
     def _publish(
         self, job: Job, staged: Any, log: Any, *, from_cache: bool, entry: dict[str, Any] | None = None
     ) -> None:
-        out_rel = self._queue.claim_output(job.rel_path, output_candidates(job.rel_path), output_key)
-        self._publisher.place_output(staged, out_rel)
-        self._queue.mark_published(
-            job.id, out_rel, entry or {"at": self._clock(), "status": 200, "cached": True}
-        )
-        log.info("output_written", output=out_rel, cached=from_cache)
-        self.finish_published(job, out_rel)
+        record = entry or {"at": self._clock(), "status": 200, "cached": True}
+        if self._queue.superseded(job):
+            # Newer content was dropped under this name meanwhile: its result, not this
+            # stale one, belongs in the outbox.
+            Path(staged).unlink(missing_ok=True)
+            self._queue.mark_published(job.id, "", record)
+            log.info("output_superseded")
+        else:
+            out_rel = self._queue.claim_output(job.rel_path, output_candidates(job.rel_path), output_key)
+            self._publisher.place_output(staged, out_rel)
+            self._queue.mark_published(job.id, out_rel, record)
+            log.info("output_written", output=out_rel, cached=from_cache)
+        self.finish_published(self._queue.get(job.id) or job)
 
-    def finish_published(self, job: Job, out_rel: str | None = None) -> None:
-        """Move the input away after its output is durable (also used at start-up)."""
+    def finish_published(self, job: Job) -> None:
+        """Move the input away after its output is durable (also used at start-up). With
+        the inbox away (NAS offline) the job waits in ``published`` for its return."""
+        if inbox_problem(self._layout.inbox) is not None:
+            self._log.warning("input_dispose_deferred", file=job.rel_path, reason="inbox unavailable")
+            return
         identity = (job.size, job.mtime_ns, job.inode, job.device)
         what = self._publisher.dispose_input(job.rel_path, identity, sha256=job.sha256)
         self._queue.mark_done(job.id)
         self._drop_spool(job.sha256)
         self._log.info("input_disposed", file=job.rel_path, sha256=job.sha256, result=what)
+
+    def finish_pending(self) -> None:
+        """Finish input moves that had to wait (inbox back, disk space back)."""
+        for job in self._queue.published_jobs():
+            self.finish_published(job)
 
     def _quarantine(self, job: Job, decision: Refuse, entry: dict[str, Any], attempt: int, log: Any) -> None:
         error = {"status": decision.status, "code": decision.code, "detail": decision.detail, "source": "api"}
@@ -396,8 +412,7 @@ class Dispatcher:
         if paused is not None and paused.get("code") == "disk_full":
             if self._space_is_back():
                 self._resume("disk_space_available")
-                for job in self._queue.published_jobs():
-                    self.finish_published(job)
+                self.finish_pending()
             return
         credit = await self._client.available_credit()
         if credit.outcome is not None:

@@ -208,9 +208,9 @@ def _copy_across(src_fd: int, src_name: str, dst_root: Path, dst_fd: int, dst_na
         fd = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
         with os.fdopen(fd, "rb") as src, staged.open("wb") as dst:
             shutil.copyfileobj(src, dst, COPY_CHUNK)
+            dst.flush()
             st = os.fstat(src.fileno())
             os.utime(dst.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
-            dst.flush()
             os.fsync(dst.fileno())
         with _dir(os.open(staged.parent, DIR_FLAGS)) as stage_fd:
             os.rename(staged.name, dst_name, src_dir_fd=stage_fd, dst_dir_fd=dst_fd)

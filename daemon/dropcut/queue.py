@@ -281,6 +281,18 @@ class JobQueue:
             db.execute("UPDATE jobs SET state='inflight', updated_at=? WHERE id=?", (now, row["id"]))
         return _job(row)
 
+    def get(self, job_id: int) -> Job | None:
+        row = self._conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def superseded(self, job: Job) -> bool:
+        """Is there a newer job for the same path (new content dropped meanwhile)?"""
+        row = self._conn.execute(
+            "SELECT 1 FROM jobs WHERE rel_path=? AND id > ? AND state != 'quarantined' LIMIT 1",
+            (job.rel_path, job.id),
+        ).fetchone()
+        return row is not None
+
     def peek(self) -> Job | None:
         """The job :meth:`claim` would take next, ignoring its due time."""
         row = self._conn.execute(

@@ -122,6 +122,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self._lock()  # a second instance stops here, before it logs anything
         try:
             await self._startup()
             await self._main_loop()
@@ -137,8 +138,6 @@ class Daemon:
         if key is None:
             raise ConfigError("no API key")
         self._redactor.set_secrets(key.get_secret_value())
-        s.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock()
         self.queue = JobQueue.open(self.layout.database)
         requeued, published = self.queue.recover()
         self.publisher = Publisher(self.layout, on_success=s.on_success, clock=self._clock)
@@ -235,6 +234,7 @@ class Daemon:
             self.request_stop()
 
     def _lock(self) -> None:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -346,6 +346,7 @@ class Daemon:
                     found = await self._rescan()
                     self._log.info("watch_restored", mode=self._watch_mode, found=found)
                     self._degraded = None
+                    self.dispatcher.finish_pending()
 
     # --- main loop ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 NETWORK_FS_PREFIXES = (
     "nfs",
@@ -58,10 +59,16 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fields = left.split()
         if not sep or len(fields) < 5:
             continue
-        point = fields[4].encode().decode("unicode_escape")
+        point = _unescape(fields[4])
         fstype = right.split()[0] if right.split() else ""
         mounts.append(Mount(point=point, fstype=fstype))
     return mounts
+
+
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes (``\\040`` for a space) on the raw bytes."""
+    raw = os.fsencode(field)
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
 
 
 def fstype_of(path: str, mounts: list[Mount]) -> str | None:
@@ -159,7 +166,8 @@ ObserverFactory = Callable[[str, float], BaseObserver]
 def default_observer(mode: str, poll_interval: float) -> BaseObserver:
     """watchdog's polling observer, or its native one (inotify on Linux)."""
     if mode == "poll":
-        return PollingObserver(timeout=poll_interval)
+        # lstat: the snapshot must not walk into linked folders (the share is not trusted)
+        return PollingObserverVFS(stat=os.lstat, listdir=os.scandir, polling_interval=poll_interval)
     return Observer()
 
 
@@ -190,6 +198,11 @@ class InboxWatcher:
         observer.schedule(_Handler(self.inbox, self._report), os.fsdecode(self.inbox), recursive=True)
         observer.start()
         self._observer = observer
+        try:
+            st = os.stat(self.inbox)
+            self._identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            self._identity = None
 
     def stop(self) -> None:
         observer, self._observer = self._observer, None
@@ -204,7 +217,14 @@ class InboxWatcher:
             return "not started"
         if not self._observer.is_alive():
             return "observer thread died"
-        return inbox_problem(self.inbox)
+        if any(not emitter.is_alive() for emitter in self._observer.emitters):
+            return "watch thread died"
+        problem = inbox_problem(self.inbox)
+        if problem is None and getattr(self, "_identity", None) is not None:
+            st = os.stat(self.inbox)
+            if (st.st_dev, st.st_ino) != self._identity:
+                return "inbox was replaced (remounted or recreated)"
+        return problem
 
 
 def inbox_problem(inbox: Path) -> str | None:
