@@ -72,6 +72,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     except JournalUnavailableError as exc:
         print(f"dropcut: cannot start: log_format=journal: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    key = settings.resolve_api_key()
+    redactor.set_secrets(key.get_secret_value() if key else None)  # before anything is logged
     daemon = Daemon(settings, config_path=args.config, redactor=redactor)
     try:
         daemon.run()

@@ -239,4 +239,22 @@ def startup_problems(settings: Settings) -> list[str]:
                 f"systemd credential {CREDENTIAL_NAME}"
             )
     problems.extend(folder_problems(settings))
+    for name in ("outbox", "quarantine", "archive", "state_dir"):
+        problem = _unwritable(getattr(settings, name))
+        if problem:
+            problems.append(f"{name} {getattr(settings, name)}: {problem}")
     return problems
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why dropcut could not create or write ``path``, or None (nothing is created here)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "no existing parent folder"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
