@@ -222,6 +222,12 @@ def _config_file_missing(f: Folders, mp: pytest.MonkeyPatch) -> list[str]:
     return []
 
 
+def _outbox_below_a_file(f: Folders, mp: pytest.MonkeyPatch) -> list[str]:
+    (f.root / "plain-file").write_text("not a folder")
+    set_env(mp, f, outbox=f.root / "plain-file" / "outbox")
+    return []
+
+
 REFUSALS: dict[str, tuple[Callable[[Folders, pytest.MonkeyPatch], list[str]], str]] = {
     # case: (set-up, a word the one line must contain)
     "missing_inbox": (_missing_inbox, "inbox"),
@@ -242,6 +248,7 @@ REFUSALS: dict[str, tuple[Callable[[Folders, pytest.MonkeyPatch], list[str]], st
     "unknown_toml_key": (_unknown_toml_key, "debounce_secnods"),
     "toml_syntax_error": (_toml_syntax_error, "dropcut.toml"),
     "config_file_missing": (_config_file_missing, "nope.toml"),
+    "outbox_below_a_file": (_outbox_below_a_file, "outbox"),
 }
 
 
