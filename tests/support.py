@@ -62,7 +62,8 @@ class Folders:
         f.inbox.mkdir(parents=True, exist_ok=True)
         return f
 
-    def settings(self, api_url: str, **overrides: Any) -> Settings:
+    def values(self, api_url: str, **overrides: Any) -> dict[str, Any]:
+        """Fast test settings for these folders (short debounce, quick retries)."""
         values: dict[str, Any] = {
             "inbox": self.inbox,
             "outbox": self.outbox,
@@ -83,31 +84,15 @@ class Folders:
             "log_format": "json",
         }
         values.update(overrides)
-        return Settings(**values)
+        return values
+
+    def settings(self, api_url: str, **overrides: Any) -> Settings:
+        return Settings(**self.values(api_url, **overrides))
 
     def env(self, api_url: str, **overrides: Any) -> dict[str, str]:
         """The same settings as DROPCUT_* variables for a subprocess."""
-        values = {
-            "inbox": self.inbox,
-            "outbox": self.outbox,
-            "quarantine": self.quarantine,
-            "archive": self.archive,
-            "state_dir": self.state,
-            "api_url": api_url,
-            "api_key": API_KEY,
-            "debounce_seconds": 0.2,
-            "corrupt_grace_seconds": 0,
-            "watch_mode": "native",
-            "rate_limit_requests": 50,
-            "rate_limit_period_seconds": 1,
-            "retry_base_delay_seconds": 0.05,
-            "retry_max_delay_seconds": 0.2,
-            "credit_check_interval_seconds": 0.5,
-            "log_format": "json",
-        }
-        values.update(overrides)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DROPCUT_")}
-        env.update({f"DROPCUT_{k.upper()}": str(v) for k, v in values.items()})
+        env.update({f"DROPCUT_{k.upper()}": str(v) for k, v in self.values(api_url, **overrides).items()})
         env["PYTHONUNBUFFERED"] = "1"
         return env
 

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,13 @@ IN_DELETE_SELF = 0x400
 _EVENT = struct.Struct("iIII")
 
 
+@dataclass(frozen=True)
+class Access:
+    path: str  # the watched path
+    mask: int
+    name: str  # the child's name when the watched path is a folder, else ""
+
+
 class OpenSpy:
     """Records IN_OPEN / IN_ACCESS (and moves/deletes) of watched paths by anyone."""
 
@@ -116,8 +124,8 @@ class OpenSpy:
             raise OSError(ctypes.get_errno(), "inotify_add_watch", str(path))
         self.paths[wd] = str(path)
 
-    def events(self) -> list[tuple[str, int]]:
-        out: list[tuple[str, int]] = []
+    def events(self) -> list[Access]:
+        out: list[Access] = []
         while True:
             try:
                 buf = os.read(self.fd, 65536)
@@ -126,8 +134,9 @@ class OpenSpy:
             pos = 0
             while pos < len(buf):
                 wd, mask, _cookie, length = _EVENT.unpack_from(buf, pos)
+                raw = buf[pos + _EVENT.size : pos + _EVENT.size + length].rstrip(b"\0")
                 pos += _EVENT.size + length
-                out.append((self.paths.get(wd, "?"), mask))
+                out.append(Access(self.paths.get(wd, "?"), mask, os.fsdecode(raw)))
 
     def close(self) -> None:
         os.close(self.fd)

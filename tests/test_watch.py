@@ -48,6 +48,7 @@ from dropcut.watch import (
 )
 from tests.fake_api import FakeWithoutBG
 from tests.support import API_KEY, Folders, InProcessDaemon, LogCapture, drop, image_bytes, wait_for
+from tests.test_hostile import OpenSpy
 
 HEALTH = 2.0  # dropcut.service.HEALTH_SECONDS: how often the watch is checked
 
@@ -55,6 +56,14 @@ HEALTH = 2.0  # dropcut.service.HEALTH_SECONDS: how often the watch is checked
 @pytest.fixture
 def folders(tmp_path: Path) -> Folders:
     return Folders.make(tmp_path)
+
+
+@pytest.fixture
+def spy() -> Iterator[OpenSpy]:
+    """Sees opens of files by anyone, from outside dropcut (inotify)."""
+    s = OpenSpy()
+    yield s
+    s.close()
 
 
 @pytest.fixture
@@ -82,14 +91,19 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 class RecordingFactory:
-    """The default observers, remembering what was asked for."""
+    """The default observers, remembering what was asked for; optionally the inotify limit
+    is reached after ``native_ok`` native observers."""
 
-    def __init__(self) -> None:
+    def __init__(self, native_ok: int | None = None) -> None:
         self.calls: list[tuple[str, float]] = []
         self.observers: list[BaseObserver] = []
+        self._native_ok = native_ok
 
     def __call__(self, mode: str, poll_interval: float) -> BaseObserver:
         self.calls.append((mode, poll_interval))
+        natives = sum(m == "native" for m, _ in self.calls)
+        if mode == "native" and self._native_ok is not None and natives > self._native_ok:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         observer = default_observer(mode, poll_interval)
         self.observers.append(observer)
         return observer
@@ -444,18 +458,33 @@ def test_a_dead_observer_is_noticed_rebuilt_and_followed_by_a_rescan(
     assert not list(folders.quarantine.rglob("*.json"))
 
 
-def test_a_dead_emitter_is_not_a_silent_death(folders: Folders, api: FakeWithoutBG) -> None:
-    factory = RecordingFactory()
-    settings = folders.settings(api.url, rescan_interval_seconds=3600, debounce_seconds=0.1)
+def test_a_dead_emitter_is_not_a_silent_death_and_limits_on_rebuild_fall_back_to_polling(
+    folders: Folders, api: FakeWithoutBG
+) -> None:
+    """The thread that reads inotify ends while the observer thread lives on (what an
+    unexpected error or IN_IGNORED does): noticed, rebuilt, rescanned. The rebuild hits
+    the inotify watch limit, so the new watch polls."""
+    factory = RecordingFactory(native_ok=1)
+    settings = folders.settings(
+        api.url, rescan_interval_seconds=3600, poll_interval_seconds=0.2, debounce_seconds=0.1
+    )
     with InProcessDaemon(settings, observer_factory=factory) as run:
         observer = factory.observers[0]
         for emitter in list(observer.emitters):
-            emitter.stop()  # the thread that reads inotify ends; the dispatcher lives on
+            emitter.stop()
         wait_for(lambda: not any(e.is_alive() for e in observer.emitters), timeout=5)
+        assert observer.is_alive()
         drop(folders.inbox, "unheard.jpg", image_bytes(seed=6))
-        # a watch that cannot die silently: noticed at the next health check, then rescanned
         wait_for(lambda: (folders.outbox / "unheard.png").exists(), timeout=HEALTH + 1.0)
-        assert run.logs.events("watch_degraded")
+        died, limit = run.logs.events("watch_degraded")
+        assert "died" in died["reason"]
+        assert "max_user_watches" in limit["reason"] and limit["fallback"] == "poll"
+        (restored,) = run.logs.events("watch_restored")
+        assert restored["mode"] == "poll"
+        assert [mode for mode, _ in factory.calls] == ["native", "native", "poll"]
+        # the polling watch delivers (the periodic rescan is an hour away)
+        drop(folders.inbox, "heard.jpg", image_bytes(seed=8))
+        wait_for(lambda: (folders.outbox / "heard.png").exists(), timeout=5)
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EMFILE], ids=["ENOSPC", "EMFILE"])
@@ -577,7 +606,7 @@ def test_a_file_is_admitted_only_after_it_stopped_changing_for_the_debounce(
 
 WRITER = r"""
 import sys, time
-path, total, step, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+path, step, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 data = sys.stdin.buffer.read()
 with open(path, "wb") as fh:
     for i in range(0, len(data), step):
@@ -585,34 +614,36 @@ with open(path, "wb") as fh:
         time.sleep(pause)
 """
 
+IN_OPEN = 0x20
 
-def test_poll_mode_needs_two_observations_even_without_debounce(folders: Folders, api: FakeWithoutBG) -> None:
-    """Polling cannot see writes between two looks: a file is admitted only when two
-    observations agree, so a file written slowly is never taken half-written (with no
-    debounce and no corrupt grace a half-written JPEG would be quarantined at once)."""
+
+def test_poll_mode_needs_two_observations_even_without_debounce(
+    folders: Folders, api: FakeWithoutBG, spy: OpenSpy
+) -> None:
+    """Polling sees nothing between two looks: a file is admitted only when two
+    observations agree. Even with no debounce at all, a file being written (by another
+    process, a chunk every 5 ms) is never read half-written: dropcut opens it exactly once,
+    when it is complete."""
     data = image_bytes("JPEG", (160, 120), seed=31)
     settings = folders.settings(
         api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0, corrupt_grace_seconds=0
     )
+    spy.watch(folders.inbox)  # IN_OPEN of any file in the inbox, by anyone
     with InProcessDaemon(settings) as run:
-        step = max(1, len(data) // 40)
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                WRITER,
-                str(folders.inbox / "slow.jpg"),
-                str(len(data)),
-                str(step),
-                "0.01",
-            ],
-            input=data,
-            check=True,
-            timeout=30,
-        )
-        wait_for(lambda: (folders.outbox / "slow.png").exists(), timeout=10)
-        assert not run.logs.events("file_quarantined")
+        writer = [
+            sys.executable,
+            "-c",
+            WRITER,
+            str(folders.inbox / "slow.jpg"),
+            str(len(data) // 60 + 1),
+            "0.005",
+        ]
+        subprocess.run(writer, input=data, check=True, timeout=30)
+        wait_for(lambda: (folders.archive / "slow.jpg").exists(), timeout=10)
+        assert not run.logs.events("file_recheck_scheduled")
         assert len(run.logs.events("job_queued")) == 1
+    opens = [e for e in spy.events() if e.mask & IN_OPEN and e.name == "slow.jpg"]
+    assert len(opens) == 2, "one open by the writer, one by dropcut once the file was complete"
 
 
 def test_a_file_that_never_stops_changing_is_quarantined_as_never_settled(
