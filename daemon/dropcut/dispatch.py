@@ -21,13 +21,14 @@ from typing import Any
 
 import structlog
 from PIL import Image
+from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
 from dropcut.judge import Pause, Publish, Refuse, Retry, RetryPolicy, judge
 from dropcut.pace import Pacer
 from dropcut.paths import Layout, output_candidates, output_key
-from dropcut.publish import Publisher, new_staging_file
+from dropcut.publish import Publisher, copy_to_staging, new_staging_file
 from dropcut.queue import Job, JobQueue
 from dropcut.settings import Settings
 from dropcut.watch import inbox_problem
@@ -227,12 +228,10 @@ class Dispatcher:
         self._log.error("disk_full", file=job.rel_path, path=str(where), detail=detail)
         self._pause(code="disk_full", status=None, detail=f"{detail}: {where}")
 
-    def _copy_to_outbox_staging(self, source: Any) -> Any:
-        from dropcut.publish import copy_to_staging
-
+    def _copy_to_outbox_staging(self, source: Path) -> Path:
         return copy_to_staging(source, self._layout.outbox)
 
-    async def _send(self, job: Job, spool: Any, log: Any) -> None:
+    async def _send(self, job: Job, spool: Path, log: BoundLogger) -> None:
         staged = new_staging_file(self._layout.outbox)
         handed_over = False
         try:
@@ -299,13 +298,19 @@ class Dispatcher:
     # --- finishing ---------------------------------------------------------------------
 
     def _publish(
-        self, job: Job, staged: Any, log: Any, *, from_cache: bool, entry: dict[str, Any] | None = None
+        self,
+        job: Job,
+        staged: Path,
+        log: BoundLogger,
+        *,
+        from_cache: bool,
+        entry: dict[str, Any] | None = None,
     ) -> None:
         record = entry or {"at": self._clock(), "status": 200, "cached": True}
         if self._queue.superseded(job):
             # Newer content was dropped under this name meanwhile: its result, not this
             # stale one, belongs in the outbox.
-            Path(staged).unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
             self._queue.mark_published(job.id, "", record)
             log.info("output_superseded")
         else:
@@ -332,7 +337,9 @@ class Dispatcher:
         for job in self._queue.published_jobs():
             self.finish_published(job)
 
-    def _quarantine(self, job: Job, decision: Refuse, entry: dict[str, Any], attempt: int, log: Any) -> None:
+    def _quarantine(
+        self, job: Job, decision: Refuse, entry: dict[str, Any], attempt: int, log: BoundLogger
+    ) -> None:
         error = {"status": decision.status, "code": decision.code, "detail": decision.detail, "source": "api"}
         placed = self.finish_quarantine(job, error, entry=entry, attempts=attempt)
         log.warning(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -142,12 +141,3 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
         thread=name,
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
     )
-
-
-def bind(**fields: Any) -> structlog.typing.FilteringBoundLogger:
-    """A logger with fields bound (the file's identity, typically)."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(**fields)
-    return logger
-
-
-Binder = Callable[..., MutableMapping[str, Any]]
