@@ -98,6 +98,7 @@ class Daemon:
         self._watch_mode = "native"
         self._degraded: str | None = None
         self._lock_fd: int | None = None
+        self._exit_code = 0
         self.started = False
 
     # --- entry points ----------------------------------------------------------------
@@ -365,7 +366,6 @@ class Daemon:
 
     async def _main_loop(self) -> None:
         assert self._wake_main is not None
-        self._exit_code = 0
         while not self._stop_requested:
             await self._wake_main.wait()
             self._wake_main.clear()
@@ -445,4 +445,5 @@ class Daemon:
 
     @property
     def exit_code(self) -> int:
-        return getattr(self, "_exit_code", 0)
+        """0 after a clean stop, 1 when a stage crashed and took the daemon down."""
+        return self._exit_code
