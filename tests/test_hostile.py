@@ -48,6 +48,10 @@ from tests.support import (
 OLD_ATIME_NS = 1_000_000_000 * 10**9  # 2001-09-09: any read would move it (relatime)
 NOBODY = 65534
 
+# watchdog's inotify group may add a new folder's watch twice while racing `mkdir -p` (it
+# says so with a RuntimeWarning and carries on): watchdog's business, not dropcut's.
+pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
+
 
 @pytest.fixture
 def folders(tmp_path: Path) -> Folders:

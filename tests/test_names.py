@@ -18,6 +18,10 @@ from PIL import Image
 from tests.fake_api import FakeWithoutBG
 from tests.support import API_KEY, Folders, InProcessDaemon, drop, image_bytes, wait_for
 
+# watchdog's inotify group may add a new folder's watch twice while racing `mkdir -p` (it
+# says so with a RuntimeWarning and carries on): watchdog's business, not dropcut's.
+pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
+
 
 @pytest.fixture
 def folders(tmp_path: Path) -> Folders:
@@ -202,9 +206,6 @@ def test_files_that_are_not_ignored_but_not_images_go_to_quarantine(
 # ---------------------------------------------------------------------------------------
 
 
-# watchdog's inotify group may add the same new folder twice while racing `mkdir -p`
-# (it says so with a RuntimeWarning and carries on): not dropcut's business.
-@pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 def test_folders_created_after_start_are_watched_and_mirrored(
     folders: Folders, api: FakeWithoutBG, tmp_path: Path
 ) -> None:

@@ -52,6 +52,10 @@ from tests.test_hostile import OpenSpy
 
 HEALTH = 2.0  # dropcut.service.HEALTH_SECONDS: how often the watch is checked
 
+# watchdog's inotify group may add a new folder's watch twice while racing `mkdir -p` (it
+# says so with a RuntimeWarning and carries on): watchdog's business, not dropcut's.
+pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
+
 
 @pytest.fixture
 def folders(tmp_path: Path) -> Folders:

@@ -99,6 +99,7 @@ class Daemon:
         self._degraded: str | None = None
         self._lock_fd: int | None = None
         self._exit_code = 0
+        self._probing: asyncio.Future[str | None] | None = None
         self.started = False
 
     # --- entry points ----------------------------------------------------------------
@@ -329,25 +330,46 @@ class Daemon:
         """Notice a dead observer or a vanished inbox; rebuild the watch when it is back."""
         while True:
             await asyncio.sleep(HEALTH_SECONDS)
-            watcher = self._watcher
-            problem = watcher.problem() if watcher is not None else "not watching"
-            if problem is not None:
-                if self._degraded != problem:
-                    self._log.warning("watch_degraded", reason=problem, action="waiting for the inbox")
-                    self._degraded = problem
-                if watcher is not None:
-                    await asyncio.to_thread(watcher.stop)
-                    self._watcher = None
-                if inbox_problem(self.settings.inbox) is None:
-                    try:
-                        self._start_watch()
-                    except OSError as exc:
-                        self._log.warning("watch_degraded", reason=watch_error_reason(exc))
-                        continue
-                    found = await self._rescan()
-                    self._log.info("watch_restored", mode=self._watch_mode, found=found)
-                    self._degraded = None
-                    self.dispatcher.finish_pending()
+            try:
+                await self._check_watch()
+            except Exception:  # one bad tick must not end the health checks
+                self._log.exception("watch_check_failed")
+
+    async def _check_watch(self) -> None:
+        watcher = self._watcher
+        if watcher is None:
+            problem: str | None = "not watching"
+        else:
+            problem = await self._probe(watcher.problem)
+        if problem is None:
+            return
+        if self._degraded != problem:
+            self._log.warning("watch_degraded", reason=problem, action="waiting for the inbox")
+            self._degraded = problem
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)
+            self._watcher = None
+        if await self._probe(lambda: inbox_problem(self.settings.inbox)) is not None:
+            return
+        try:
+            self._start_watch()
+        except OSError as exc:
+            self._log.warning("watch_degraded", reason=watch_error_reason(exc))
+            return
+        found = await self._rescan()
+        self._log.info("watch_restored", mode=self._watch_mode, found=found)
+        self._degraded = None
+        self.dispatcher.finish_pending()
+
+    async def _probe(self, check: Callable[[], str | None]) -> str | None:
+        """Run a file-system check in a thread: on a hung network mount stat() blocks, and
+        that must stall neither the event loop nor (by piling up) the worker threads."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.ensure_future(asyncio.to_thread(check))
+        done, _ = await asyncio.wait({self._probing}, timeout=HEALTH_SECONDS * 5)
+        if not done:
+            return "inbox not responding (hung network mount?)"
+        return self._probing.result()
 
     # --- main loop ---------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ NETWORK_FS_PREFIXES = (
     "smb3",
     "9p",
     "fuse.",
-    "fuse",
     "ceph",
     "glusterfs",
     "afs",
@@ -221,7 +220,10 @@ class InboxWatcher:
             return "watch thread died"
         problem = inbox_problem(self.inbox)
         if problem is None and getattr(self, "_identity", None) is not None:
-            st = os.stat(self.inbox)
+            try:
+                st = os.stat(self.inbox)
+            except OSError as exc:
+                return f"inbox unreadable: {errno.errorcode.get(exc.errno or 0, '?')} {exc.strerror}"
             if (st.st_dev, st.st_ino) != self._identity:
                 return "inbox was replaced (remounted or recreated)"
         return problem
