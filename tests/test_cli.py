@@ -37,11 +37,6 @@ CliRun = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def folders(tmp_path: Path) -> Folders:
-    return Folders.make(tmp_path)
-
-
-@pytest.fixture
 def api() -> Iterator[FakeWithoutBG]:
     with FakeWithoutBG(api_key=SECRET, rate_limit=50, rate_period=1.0) as server:
         yield server

@@ -283,11 +283,6 @@ def check_png(path: Path, size: tuple[int, int]) -> str | None:
     return None
 
 
-@pytest.fixture
-def folders(tmp_path: Path) -> Folders:
-    return Folders.make(tmp_path)
-
-
 # A SIGKILL loses the answers of every request in flight, and the server has done (and
 # billed) them all: with 4 in flight one kill can cost up to 4 repeated uploads.  So the
 # bound is kills x max_in_flight, and each repeat must be explained by a kill that cut that

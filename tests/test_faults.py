@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.fake_api import FakeWithoutBG
-from tests.support import API_KEY, Folders, InProcessDaemon, drop, image_bytes, wait_for
-
-
-@pytest.fixture
-def folders(tmp_path: Path) -> Folders:
-    return Folders.make(tmp_path)
-
-
-@pytest.fixture
-def api() -> Iterator[FakeWithoutBG]:
-    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as server:
-        yield server
+from tests.support import Folders, InProcessDaemon, drop, image_bytes, wait_for
 
 
 def statuses(api: FakeWithoutBG) -> list[int]:

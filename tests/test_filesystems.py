@@ -23,7 +23,7 @@ from PIL import Image
 from dropcut.paths import STAGING_DIR, numbered_candidates
 from dropcut.publish import clean_staging, move_in
 from tests.fake_api import FakeWithoutBG
-from tests.support import API_KEY, REPO, Folders, InProcessDaemon, drop, image_bytes, wait_for
+from tests.support import REPO, Folders, InProcessDaemon, drop, image_bytes, wait_for
 
 
 @pytest.fixture
@@ -43,12 +43,6 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
-@pytest.fixture
-def api() -> Iterator[FakeWithoutBG]:
-    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as server:
-        yield server
 
 
 def sha(data: bytes) -> str:

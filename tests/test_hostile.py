@@ -35,7 +35,6 @@ from PIL import Image
 
 from tests.fake_api import FakeWithoutBG
 from tests.support import (
-    API_KEY,
     REPO,
     DaemonProcess,
     Folders,
@@ -51,17 +50,6 @@ NOBODY = 65534
 # watchdog's inotify group may add a new folder's watch twice while racing `mkdir -p` (it
 # says so with a RuntimeWarning and carries on): watchdog's business, not dropcut's.
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
-
-
-@pytest.fixture
-def folders(tmp_path: Path) -> Folders:
-    return Folders.make(tmp_path)
-
-
-@pytest.fixture
-def api() -> Iterator[FakeWithoutBG]:
-    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as server:
-        yield server
 
 
 def sha(data: bytes) -> str:

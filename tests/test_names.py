@@ -8,7 +8,6 @@ import json
 import os
 import time
 import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,11 @@ import pytest
 from PIL import Image
 
 from tests.fake_api import FakeWithoutBG
-from tests.support import API_KEY, Folders, InProcessDaemon, drop, image_bytes, wait_for
+from tests.support import Folders, InProcessDaemon, drop, image_bytes, wait_for
 
 # watchdog's inotify group may add a new folder's watch twice while racing `mkdir -p` (it
 # says so with a RuntimeWarning and carries on): watchdog's business, not dropcut's.
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
-
-
-@pytest.fixture
-def folders(tmp_path: Path) -> Folders:
-    return Folders.make(tmp_path)
-
-
-@pytest.fixture
-def api() -> Iterator[FakeWithoutBG]:
-    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as server:
-        yield server
 
 
 def put(inbox: Path, rel: str, data: bytes) -> Path:

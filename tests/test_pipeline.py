@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from tests.fake_api import FakeWithoutBG
 from tests.support import API_KEY, Folders, InProcessDaemon, drop, image_bytes, wait_for
-
-
-@pytest.fixture
-def folders(tmp_path: Path) -> Folders:
-    return Folders.make(tmp_path)
-
-
-@pytest.fixture
-def api() -> FakeWithoutBG:
-    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as server:
-        yield server  # type: ignore[misc]
 
 
 def test_drop_gives_png_and_archives_input(folders: Folders, api: FakeWithoutBG) -> None:

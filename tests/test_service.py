@@ -60,12 +60,6 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.close()
 
 
-@pytest.fixture
-def api() -> Iterator[FakeWithoutBG]:
-    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as server:
-        yield server
-
-
 def test_notify_ready_status_watchdog_stopping(
     tmp_path: Path, notify: NotifySocket, api: FakeWithoutBG, monkeypatch: pytest.MonkeyPatch
 ) -> None:

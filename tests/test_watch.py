@@ -47,7 +47,7 @@ from dropcut.watch import (
     watch_error_reason,
 )
 from tests.fake_api import FakeWithoutBG
-from tests.support import API_KEY, Folders, InProcessDaemon, LogCapture, drop, image_bytes, wait_for
+from tests.support import Folders, InProcessDaemon, LogCapture, drop, image_bytes, wait_for
 from tests.test_hostile import OpenSpy
 
 HEALTH = 2.0  # dropcut.service.HEALTH_SECONDS: how often the watch is checked
@@ -58,22 +58,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning"
 
 
 @pytest.fixture
-def folders(tmp_path: Path) -> Folders:
-    return Folders.make(tmp_path)
-
-
-@pytest.fixture
 def spy() -> Iterator[OpenSpy]:
     """Sees opens of files by anyone, from outside dropcut (inotify)."""
     s = OpenSpy()
     yield s
     s.close()
-
-
-@pytest.fixture
-def api() -> Iterator[FakeWithoutBG]:
-    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as server:
-        yield server
 
 
 def events_for(run: InProcessDaemon, name: str, file: str) -> list[dict[str, Any]]:
