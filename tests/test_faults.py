@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -187,3 +188,24 @@ def test_new_content_at_same_path_is_processed_again(folders: Folders, api: Fake
         wait_for(lambda: (folders.archive / "a~2.jpg").exists())
         wait_for(lambda: (folders.outbox / "a.png").read_bytes() != first)
     assert len(api.records()) == 2
+
+
+def test_an_outage_quarantines_nothing_while_the_budget_lasts(folders: Folders, api: FakeWithoutBG) -> None:
+    """The server answers 503 to everything for 3 s. Backoff plus the queue-wide hold
+    spread the attempts out: no file runs through its 8 attempts, nothing is quarantined."""
+    settings = folders.settings(
+        api.url, max_attempts=8, retry_base_delay_seconds=0.2, retry_max_delay_seconds=1.0
+    )
+    api.fail_next(10_000, 503)
+    with InProcessDaemon(settings) as run:
+        for i in range(4):
+            drop(folders.inbox, f"o{i}.jpg", image_bytes(seed=60 + i))
+        wait_for(lambda: len(api.records()) >= 3)
+        time.sleep(3.0)  # the outage itself
+        during = len(api.records())
+        api.reset()  # the server is back
+        wait_for(lambda: len(list(folders.outbox.glob("*.png"))) == 4, timeout=30)
+        attempts = [e["attempt"] for e in run.logs.events("retry_scheduled")]
+    assert not list(folders.quarantine.rglob("*")), "an outage within the budget quarantines nothing"
+    assert max(attempts) < 8
+    assert during < 4 * 8, f"{during} requests in 3 s of outage: the backoff did not wait"
