@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import socket
 import ssl
 import threading
@@ -13,7 +12,6 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from PIL import Image
 
 from dropcut.judge import (
     BodyProblem,
@@ -29,7 +27,6 @@ from dropcut.judge import (
     flatten_detail,
     judge,
     parse_retry_after,
-    png_body_problem,
     transport_error_kind,
 )
 
@@ -457,36 +454,6 @@ def test_retry_policy_rejects(kwargs: dict[str, float]) -> None:
 )
 def test_flatten_detail(body: object, expected: str | None) -> None:
     assert flatten_detail(body) == expected
-
-
-# --- png_body_problem -----------------------------------------------------------------
-
-
-def _png() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGBA", (4, 3), (255, 0, 0, 128)).save(out, format="PNG")
-    return out.getvalue()
-
-
-PNG = _png()
-
-
-@pytest.mark.parametrize(
-    ("body", "expected_size", "expected"),
-    [
-        pytest.param(PNG, None, None, id="whole-png"),
-        pytest.param(PNG, len(PNG), None, id="whole-png-with-length"),
-        pytest.param(b"", None, BodyProblem.EMPTY, id="empty"),
-        pytest.param(b'{"detail": "Invalid API Key"}', None, BodyProblem.NOT_PNG, id="json"),
-        pytest.param(b"<html>502 Bad Gateway</html>", None, BodyProblem.NOT_PNG, id="html"),
-        pytest.param(PNG[:3], None, BodyProblem.TRUNCATED, id="signature-cut"),
-        pytest.param(PNG[:40], None, BodyProblem.TRUNCATED, id="cut-short"),
-        pytest.param(PNG[:-1], None, BodyProblem.TRUNCATED, id="last-byte-missing"),
-        pytest.param(PNG, len(PNG) + 10, BodyProblem.TRUNCATED, id="shorter-than-length"),
-    ],
-)
-def test_png_body_problem(body: bytes, expected_size: int | None, expected: object) -> None:
-    assert png_body_problem(body[:64], body[-64:], len(body), expected_size) == expected
 
 
 # --- transport_error_kind on exception instances --------------------------------------

@@ -32,7 +32,6 @@ from typing import TypeAlias
 import httpx
 
 __all__ = [
-    "PNG_SIGNATURE",
     "BodyProblem",
     "Code",
     "Decision",
@@ -47,7 +46,6 @@ __all__ = [
     "flatten_detail",
     "judge",
     "parse_retry_after",
-    "png_body_problem",
     "transport_error_kind",
 ]
 
@@ -68,7 +66,7 @@ class TransportError(StrEnum):
 
 
 class BodyProblem(StrEnum):
-    """What is wrong with the body of a 200 answer (see :func:`png_body_problem`)."""
+    """What is wrong with the body of a 200 answer (found by the client's PNG check)."""
 
     EMPTY = "empty"  # zero bytes
     NOT_PNG = "not_png"  # does not start with the PNG signature (e.g. JSON or HTML)
@@ -97,10 +95,6 @@ class Code(StrEnum):
     UNEXPECTED_STATUS = "unexpected_status"
     TIMEOUT = "timeout"
     CONNECTION_ERROR = "connection_error"
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the 12-byte chunk every PNG ends with
 
 
 @dataclass(frozen=True)
@@ -375,29 +369,6 @@ def _flatten_entry(entry: object) -> str | None:
         where = ".".join(str(part) for part in loc)
         return f"{where}: {msg.strip()}"
     return msg.strip()
-
-
-def png_body_problem(
-    head: bytes, tail: bytes, size: int, expected_size: int | None = None
-) -> BodyProblem | None:
-    """A cheap structural check of a 200 body, for the client.
-
-    ``head`` is the first bytes of the body (>= 8 wanted), ``tail`` the last bytes
-    (>= 12 wanted), ``size`` the number of bytes received and ``expected_size`` the
-    Content-Length, if any. Does not decode: :attr:`BodyProblem.UNDECODABLE` is for the
-    caller's decoder to report.
-    """
-    if size == 0:
-        return BodyProblem.EMPTY
-    if not head.startswith(PNG_SIGNATURE):
-        if size < len(PNG_SIGNATURE) and PNG_SIGNATURE.startswith(head[:size]):
-            return BodyProblem.TRUNCATED
-        return BodyProblem.NOT_PNG
-    if expected_size is not None and size < expected_size:
-        return BodyProblem.TRUNCATED
-    if not tail.endswith(_PNG_IEND):
-        return BodyProblem.TRUNCATED
-    return None
 
 
 # --- classifying exceptions ---------------------------------------------------------
