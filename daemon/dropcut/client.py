@@ -62,8 +62,11 @@ def png_problem(path: Path) -> BodyProblem | None:
     """Is this file one whole PNG? Walks the chunks to IEND and checks every CRC."""
     try:
         with path.open("rb") as fh:
-            if fh.read(8) != PNG_SIGNATURE:
-                return BodyProblem.NOT_PNG
+            head = fh.read(8)
+            if not head:
+                return BodyProblem.EMPTY
+            if head != PNG_SIGNATURE:
+                return BodyProblem.TRUNCATED if PNG_SIGNATURE.startswith(head) else BodyProblem.NOT_PNG
             while True:
                 header = fh.read(8)
                 if len(header) < 8:
@@ -74,7 +77,7 @@ def png_problem(path: Path) -> BodyProblem | None:
                 if len(data) < length or len(crc) < 4:
                     return BodyProblem.TRUNCATED
                 if zlib.crc32(ctype + data) != struct.unpack(">I", crc)[0]:
-                    return BodyProblem.TRUNCATED
+                    return BodyProblem.UNDECODABLE
                 if ctype == b"IEND":
                     return None
     except OSError:
