@@ -18,14 +18,38 @@ from pathlib import Path
 import structlog
 from watchdog.events import (
     DirCreatedEvent,
+    DirDeletedEvent,
     DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
     FileSystemMovedEvent,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserverVFS
+from watchdog.observers.api import BaseObserver, EventEmitter, EventQueue, ObservedWatch
+
+# What dropcut listens to. Leaving out opens, read-only closes and deletes keeps inotify
+# from reporting dropcut's own reads of the inbox (several per file), which watchdog would
+# parse in Python only for the handler to drop them.
+EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileAttribEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
+
+# watchdog holds an IN_MOVED_FROM back this long to pair it with its IN_MOVED_TO, and its
+# emitter may sleep the whole delay even when the pair completes at once: a rename into
+# the inbox then arrives half a second late. dropcut needs no pairs (a move reports its
+# destination; an unpaired one arrives as "created"), so a short delay is enough.
+MOVE_PAIRING_DELAY = 0.05
 
 NETWORK_FS_PREFIXES = (
     "nfs",
@@ -150,6 +174,8 @@ class _Handler(FileSystemEventHandler):
         try:
             if event.event_type in ("deleted", "opened", "closed_no_write"):
                 return
+            if event.is_directory and event.event_type == "modified":
+                return  # a file came or went in it: that file has its own event
             is_dir = isinstance(event, DirCreatedEvent | DirMovedEvent) or event.is_directory
             path = event.dest_path if isinstance(event, FileSystemMovedEvent) else event.src_path
             rel = self._rel(path)
@@ -159,15 +185,99 @@ class _Handler(FileSystemEventHandler):
             self._log.exception("watch_event_failed", path=repr(event.src_path))
 
 
+class FolderPollEmitter(EventEmitter):
+    """A lean polling emitter: one ``scandir`` per folder and one ``lstat`` per entry at
+    every poll, compared with the last (size, mtime) of each name.
+
+    watchdog's own polling observer builds and diffs two full snapshot objects in Python
+    at every poll: for 10,000 files about 0.2 s of CPU per poll, 4 % of a core at a 5 s
+    interval. This reports the same creations and changes (a file rewritten in place
+    included) for a fraction of that. Never follows links: entries are lstat'ed and only
+    real folders are entered.
+    """
+
+    def __init__(
+        self,
+        event_queue: EventQueue,
+        watch: ObservedWatch,
+        *,
+        timeout: float = 1.0,
+        event_filter: list[type[FileSystemEvent]] | None = None,
+    ) -> None:
+        super().__init__(event_queue, watch, timeout=timeout, event_filter=event_filter)
+        # folder -> (its mtime_ns, {name: (size, mtime_ns, is_dir)})
+        self._folders: dict[str, tuple[int, dict[str, tuple[int, int, bool]]]] = {}
+
+    def on_thread_start(self) -> None:
+        self._list(os.fsdecode(self.watch.path), report=False)
+
+    def _list(self, folder: str, *, report: bool) -> None:
+        try:
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(folder)
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            self._folders.pop(folder, None)
+            return
+        old = self._folders.get(folder, (0, {}))[1]
+        new: dict[str, tuple[int, int, bool]] = {}
+        for entry in entries:
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            is_dir = stat.S_ISDIR(est.st_mode)
+            new[entry.name] = (est.st_size, est.st_mtime_ns, is_dir)
+            if is_dir and entry.path not in self._folders:
+                if report:
+                    self.queue_event(DirCreatedEvent(entry.path))
+                self._list(entry.path, report=report)
+            elif report and not is_dir:
+                before = old.get(entry.name)
+                if before is None:
+                    self.queue_event(FileCreatedEvent(entry.path))
+                elif before != new[entry.name]:
+                    self.queue_event(FileModifiedEvent(entry.path))
+        self._folders[folder] = (st.st_mtime_ns, new)
+
+    def queue_events(self, timeout: float) -> None:
+        if self.stopped_event.wait(timeout):
+            return
+        root = os.fsdecode(self.watch.path)
+        if not os.path.isdir(root):
+            self.queue_event(DirDeletedEvent(root))
+            self.stop()
+            return
+        for folder in list(self._folders):
+            if folder in self._folders:  # not dropped while listing its parent
+                self._list(folder, report=True)
+
+
+class FolderPollObserver(BaseObserver):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(FolderPollEmitter, timeout=timeout)
+
+
 ObserverFactory = Callable[[str, float], BaseObserver]
 
 
 def default_observer(mode: str, poll_interval: float) -> BaseObserver:
-    """watchdog's polling observer, or its native one (inotify on Linux)."""
+    """Folder polling, or watchdog's native observer (inotify on Linux)."""
     if mode == "poll":
-        # lstat: the snapshot must not walk into linked folders (the share is not trusted)
-        return PollingObserverVFS(stat=os.lstat, listdir=os.scandir, polling_interval=poll_interval)
+        return FolderPollObserver(timeout=poll_interval)
+    _shorten_move_pairing()
     return Observer()
+
+
+def _shorten_move_pairing() -> None:
+    # A class attribute of watchdog's: there is no per-observer setting for it.
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # another platform or watchdog version: keep its default
+        return
+    InotifyMoveEventGrouper.delay = MOVE_PAIRING_DELAY
 
 
 class InboxWatcher:
@@ -194,7 +304,12 @@ class InboxWatcher:
         inbox gone)."""
         observer = self._factory(self.mode, self._poll_interval)
         observer.daemon = True
-        observer.schedule(_Handler(self.inbox, self._report), os.fsdecode(self.inbox), recursive=True)
+        observer.schedule(
+            _Handler(self.inbox, self._report),
+            os.fsdecode(self.inbox),
+            recursive=True,
+            event_filter=EVENT_FILTER,
+        )
         observer.start()
         self._observer = observer
         try:
