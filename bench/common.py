@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support import json_events
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CACHE = Path(os.environ.get("DROPCUT_BENCH_CACHE", "/tmp/dropcut-bench-cache"))
@@ -272,16 +274,7 @@ class DaemonProc:
         except FileNotFoundError:
             return out
         with fh:
-            for line in fh:
-                if name is not None and name not in line:
-                    continue
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if name is None or event.get("event") == name:
-                    out.append(event)
-        return out
+            return json_events(fh, name)
 
     def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:

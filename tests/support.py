@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,15 +229,7 @@ class DaemonProcess:
             self.lines.append(line.rstrip("\n"))
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in list(self.lines):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or event.get("event") == name:
-                out.append(event)
-        return out
+        return json_events(list(self.lines), name)
 
     def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
         return wait_for(lambda: (self.events(name) or [None])[0], timeout)  # type: ignore[no-any-return]
@@ -267,7 +259,16 @@ class DaemonProcess:
         return self.proc.returncode if self.proc is not None else 0
 
 
-def iter_json_lines(text: str) -> Iterator[dict[str, Any]]:
-    for line in text.splitlines():
-        if line.strip():
-            yield json.loads(line)
+def json_events(lines: Iterable[str], name: str | None = None) -> list[dict[str, Any]]:
+    """The JSON log events among ``lines`` (other lines skipped), optionally one kind."""
+    out = []
+    for line in lines:
+        if name is not None and name not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and (name is None or event.get("event") == name):
+            out.append(event)
+    return out
