@@ -450,7 +450,30 @@ def test_a_file_dropcut_cannot_read_is_reported_once_and_processed_once_readable
         path.mkdir(exist_ok=True)
         os.chown(path, NOBODY, NOBODY)
     env = folders.env(api.url, rescan_interval_seconds=3600, debounce_seconds=0.1)
-    env["PYTHONPATH"] = str(REPO / "daemon")
+    # uid 65534 must be able to read dropcut and its dependencies: a copy of the package
+    # in the world-readable folder, and the virtualenv where it is (skip if it is not).
+    shutil.copytree(REPO / "daemon" / "dropcut", world_tmp / "src" / "dropcut")
+    env["PYTHONPATH"] = str(world_tmp / "src")
+    probe = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import dropcut.cli, httpx, watchdog, PIL, pydantic_settings, structlog",
+        ],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(
+            f"uid {NOBODY} cannot import dropcut's dependencies from {sys.prefix} "
+            f"(a checkout inside a private folder?): {probe.stderr.strip().splitlines()[-1:]}"
+        )
     data = image_bytes(seed=40)
     daemon = NobodyDaemon(env).start()
     try:
