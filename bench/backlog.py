@@ -40,6 +40,7 @@ from bench.common import (
     md_table,
     remove_tree,
     report,
+    tree_figures,
     verdict,
 )
 from bench.images import cached_tree
@@ -130,6 +131,7 @@ def run(
             if queued_after is None:
                 raise BenchError(f"only {samples[-1][1]} of {files} queued after 600 s")
             cpu_at_queued = daemon.cpu_seconds()
+            tree_at_queued = tree_figures(daemon.pid)
             started_event = daemon.wait_event("daemon_started")
             time.sleep(1.0)
             status_times = time_status(env)
@@ -150,6 +152,9 @@ def run(
         "daemon_started_found": started_event.get("found"),
         "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
         "cpu_s_until_queued": round(cpu_at_queued, 2),
+        "processes": tree_at_queued["processes"],
+        "peak_rss_sum_mib": round(tree_at_queued["peak_rss_sum_kib"] / 1024, 1),
+        "cpu_s_tree_until_queued": round(tree_at_queued["cpu_s"], 2),
         "cpu_s_total": round(cpu, 2),
         "db_mib": round(sizes["db"] / 2**20, 1),
         "wal_mib": round(sizes["-wal"] / 2**20, 1),
@@ -161,11 +166,17 @@ def run(
     if not keep_state:
         remove_tree(dirs.root)
     ok_time = queued_after <= TARGET_SECONDS
-    ok_rss = result["peak_rss_mib"] <= TARGET_RSS_MIB
+    ok_rss = result["peak_rss_sum_mib"] <= TARGET_RSS_MIB
     ok_status = max(status_times) <= TARGET_STATUS_SECONDS
     rows = [
         ["time until all queued", f"{queued_after:.1f} s", f"≤ {TARGET_SECONDS:g} s", verdict(ok_time)],
-        ["peak RSS (VmHWM)", f"{result['peak_rss_mib']} MiB", f"≤ {TARGET_RSS_MIB:g} MB", verdict(ok_rss)],
+        [
+            "peak RSS (VmHWM)",
+            f"{result['peak_rss_mib']} MiB daemon; {result['peak_rss_sum_mib']} MiB summed over "
+            f"its {result['processes']} processes (inspection workers)",
+            f"≤ {TARGET_RSS_MIB:g} MB",
+            verdict(ok_rss),
+        ],
         [
             "queue database",
             f"{result['db_mib']} MiB + {result['wal_mib']} MiB WAL "
@@ -179,7 +190,12 @@ def run(
             f"≤ {TARGET_STATUS_SECONDS:g} s",
             verdict(ok_status),
         ],
-        ["CPU time until all queued", f"{result['cpu_s_until_queued']} s", "—", ""],
+        [
+            "CPU time until all queued",
+            f"{result['cpu_s_until_queued']} s daemon, {result['cpu_s_tree_until_queued']} s all processes",
+            "—",
+            "",
+        ],
     ]
     table = md_table(["", "measured", "target", ""], rows)
     notes = [

@@ -204,6 +204,43 @@ def proc_status_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (the daemon's inspection workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def tree_figures(pid: int) -> dict[str, float]:
+    """Peak RSS and CPU of ``pid`` and every live process below it: ``peak_rss_sum_kib``
+    adds each process's own peak (an upper bound of the tree's peak at any moment)."""
+    pids = [pid, *descendants(pid)]
+    hwm = 0
+    cpu = 0.0
+    for p in pids:
+        try:
+            hwm += proc_status_kib(p).get("VmHWM", 0)
+            cpu += proc_cpu_seconds(p)
+        except OSError:
+            continue
+    return {"processes": len(pids), "peak_rss_sum_kib": hwm, "cpu_s": cpu}
+
+
 class DaemonProc:
     """``python -m dropcut.cli run`` with ``env``; its log goes to ``log_path``."""
 

@@ -65,3 +65,18 @@ def test_local_refusals_never_reach_the_api(folders: Folders, api: FakeWithoutBG
         quarantined = run.logs.events("file_quarantined")
         assert {e["file"] for e in quarantined} == set(expected)
     assert [r.status for r in api.records()] == [200]
+
+
+def test_a_backlog_is_inspected_in_worker_processes(folders: Folders, api: FakeWithoutBG) -> None:
+    """Enough files at start make batches large enough for the process pool (the GIL
+    would keep inspection on one core); every file still becomes exactly one job."""
+    count = 160
+    for i in range(count):
+        drop(folders.inbox, f"bulk/{i // 40}/{i:03}.png", image_bytes("PNG", (8, 8), seed=1000 + i))
+    settings = folders.settings(api.url, rate_limit_requests=200)
+    with InProcessDaemon(settings) as run:
+        wait_for(lambda: len(run.logs.events("job_queued")) == count, timeout=60)
+        assert run.daemon.admission._pool is not None, "the backlog was not inspected in processes"
+        wait_for(lambda: len(list(folders.outbox.rglob("*.png"))) == count, timeout=60)
+    assert len({r.sha256 for r in api.records()}) == count
+    assert not list((folders.state / "spool").iterdir())

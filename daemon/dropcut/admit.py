@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,8 @@ GRACE_CODES_STATUS = (415, 422)
 DIR_CACHE = 65536  # folders whose ignore verdict is remembered
 SETTLE_BATCH = 2048  # candidates looked at per settle step (the loop stays responsive)
 INSPECT_BATCH = 256  # admitted files one inspector takes at once (one thread hop, one commit)
-INSPECT_SLICE_SECONDS = 0.2  # ... but their results are recorded at least this often
+POOL_MIN_BATCH = 64  # a batch this large (a backlog) is inspected in worker processes
+POOL_WORKERS = 2
 
 
 def _signature(rel: str, st: os.stat_result) -> tuple[str, int, int, int]:
@@ -80,6 +83,7 @@ class Admission:
         self._recheck: dict[str, float | None] = {}  # noticed again while being inspected
         self._failures: dict[str, FirstFailure] = {}
         self._reported: dict[str, str] = {}  # rel -> reason already logged (reject/unreadable)
+        self._pool: ProcessPoolExecutor | None = None
         self._work: asyncio.Queue[tuple[str, Seen]] = asyncio.Queue()
         self._dir_ignored: dict[str, bool] = {}  # folder -> is_ignored_dir, for this settings
         self._log = structlog.get_logger()
@@ -272,12 +276,14 @@ class Admission:
             try:
                 while batch:
                     s = self.settings
-                    results = await asyncio.to_thread(
-                        self._inspect_some,
-                        [rel for rel, _ in batch],
-                        s.inbox,
-                        s.max_file_bytes,
-                    )
+                    args = ([rel for rel, _ in batch], s.inbox, self._spool_dir, s.max_file_bytes)
+                    if len(batch) >= POOL_MIN_BATCH:
+                        # A backlog: inspection is most of the CPU, and the GIL would keep
+                        # it on one core. Two worker processes use the second one.
+                        loop = asyncio.get_running_loop()
+                        results = await loop.run_in_executor(self._process_pool(), insp.inspect_some, *args)
+                    else:
+                        results = await asyncio.to_thread(insp.inspect_some, *args)
                     done, batch = batch[: len(results)], batch[len(results) :]
                     try:
                         self._handle_all(done, results)
@@ -286,21 +292,19 @@ class Admission:
             finally:
                 self._release(batch)  # cancelled (shutdown) before these were looked at
 
-    def _inspect_some(
-        self, rels: list[str], inbox: Path, max_bytes: int
-    ) -> list[insp.Inspection | Exception]:
-        """Inspect ``rels`` in order (worker thread) until they are done or the time
-        slice is used up; an exception is returned in place of its file's result."""
-        out: list[insp.Inspection | Exception] = []
-        until = time.monotonic() + INSPECT_SLICE_SECONDS
-        for rel in rels:
-            try:
-                out.append(insp.inspect_file(inbox, rel, spool_dir=self._spool_dir, max_bytes=max_bytes))
-            except Exception as exc:
-                out.append(exc)
-            if time.monotonic() >= until:
-                break
-        return out
+    def _process_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # forkserver: the workers are not forks of this threaded process (watchdog,
+            # asyncio) and inherit none of its file descriptors (the state lock).
+            context = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(max_workers=POOL_WORKERS, mp_context=context)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes, if a backlog started them."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _release(self, done: list[tuple[str, Seen]]) -> None:
         for rel, _ in done:

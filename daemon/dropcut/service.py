@@ -450,6 +450,8 @@ class Daemon:
         if self._watcher is not None:
             await asyncio.to_thread(self._watcher.stop)
             self._watcher = None
+        if hasattr(self, "admission"):
+            self.admission.close()
         cancelled = 0
         if hasattr(self, "dispatcher"):
             cancelled = await self.dispatcher.stop(self.settings.shutdown_grace_seconds)
