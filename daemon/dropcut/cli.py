@@ -14,12 +14,16 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dropcut import __version__
-from dropcut.paths import error_json_rel, numbered_candidates
-from dropcut.queue import JobQueue, connect
-from dropcut.settings import ConfigError, Settings, load_settings, startup_problems
+
+# The rest of dropcut is imported where it is used: a worker process of the backlog's
+# inspection pool imports this module again (multiprocessing re-imports the main module),
+# and needs none of it.
+if TYPE_CHECKING:
+    from dropcut.queue import JobQueue
+    from dropcut.settings import Settings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -49,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from dropcut.settings import ConfigError, load_settings
+
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -59,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from dropcut.settings import ConfigError, startup_problems
+
     problems = startup_problems(settings)
     if problems:
         print(f"dropcut: cannot start: {'; '.join(problems)}", file=sys.stderr)
@@ -84,6 +92,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _check(settings: Settings, args: argparse.Namespace) -> int:
+    from dropcut.settings import startup_problems
+
     problems = startup_problems(settings)
     print(json.dumps(settings.redacted(), indent=2))
     for problem in problems:
@@ -95,6 +105,8 @@ def _check(settings: Settings, args: argparse.Namespace) -> int:
 
 def status_report(settings: Settings) -> dict[str, Any]:
     """What ``dropcut status`` shows, as data."""
+    from dropcut.queue import JobQueue, connect
+
     db = settings.state_dir / "queue.sqlite3"
     if not db.exists():
         return {"database": str(db), "exists": False}
@@ -182,7 +194,9 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
         if args.all:
             print("dropcut: no queue yet: nothing is quarantined", file=sys.stderr)
         return EXIT_FAILURE
+    from dropcut.paths import error_json_rel, numbered_candidates
     from dropcut.publish import move_in
+    from dropcut.queue import JobQueue
 
     queue = JobQueue.open(db)
     failed = 0
