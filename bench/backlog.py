@@ -205,15 +205,7 @@ def run(
         "read, sha256, spool copy, full decode) to the 100,000th row in the jobs table.",
     ]
     data: dict[str, Any] = {"machine": m, "result": result}
-    suffix = " (with bench/recommended.py)" if recommended else ""
-    data["recommended"] = recommended
-    return report(
-        "backlog" + ("-recommended" if recommended else ""),
-        "3. Backlog at start" + suffix,
-        data,
-        table,
-        notes,
-    )
+    return report("backlog", "3. Backlog at start", data, table, notes, recommended=recommended)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -410,8 +410,20 @@ def save(name: str, data: dict[str, Any], table: str) -> Path:
     return RESULTS / f"{name}.md"
 
 
-def report(name: str, title: str, data: dict[str, Any], table: str, notes: Sequence[str] = ()) -> str:
-    """Print and save one benchmark's table; returns the markdown."""
+def report(
+    name: str,
+    title: str,
+    data: dict[str, Any],
+    table: str,
+    notes: Sequence[str] = (),
+    *,
+    recommended: bool = False,
+) -> str:
+    """Print and save one benchmark's table; returns the markdown. A run through
+    ``bench/recommended.py`` is saved and titled apart."""
+    data["recommended"] = recommended
+    if recommended:
+        name, title = f"{name}-recommended", f"{title} (with bench/recommended.py)"
     text = f"### {title}\n\n{machine_line(data.get('machine'))}\n\n{table}\n"
     if notes:
         text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"

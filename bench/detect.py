@@ -171,15 +171,7 @@ def run(
         f"latency = server arrival of the upload − rename − debounce ({debounce:g} s).",
     ]
     data: dict[str, Any] = {"machine": m, "results": results}
-    suffix = " (with bench/recommended.py)" if recommended else ""
-    data["recommended"] = recommended
-    return report(
-        "detect" + ("-recommended" if recommended else ""),
-        "2. Detection latency" + suffix,
-        data,
-        table,
-        notes,
-    )
+    return report("detect", "2. Detection latency", data, table, notes, recommended=recommended)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -189,11 +189,7 @@ def run(
         "(default 300 s), outside this 60 s window.",
     ]
     data: dict[str, Any] = {"machine": m, "native": native, "poll": poll}
-    suffix = " (with bench/recommended.py)" if recommended else ""
-    data["recommended"] = recommended
-    return report(
-        "idle" + ("-recommended" if recommended else ""), "5. Idle cost" + suffix, data, table, notes
-    )
+    return report("idle", "5. Idle cost", data, table, notes, recommended=recommended)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,11 +98,7 @@ def run(files: int = FILES, *, profile: bool = False, recommended: bool = False)
     data: dict[str, Any] = {"machine": m, "result": result}
     for p in dirs.outbox.glob("*.png"):
         os.unlink(p)
-    suffix = " (with bench/recommended.py)" if recommended else ""
-    data["recommended"] = recommended
-    return report(
-        "large" + ("-recommended" if recommended else ""), "4. Large files" + suffix, data, table, notes
-    )
+    return report("large", "4. Large files", data, table, notes, recommended=recommended)
 
 
 def main(argv: list[str] | None = None) -> None:
