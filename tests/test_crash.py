@@ -42,6 +42,7 @@ from tests.support import API_KEY, REPO, DaemonProcess, Folders, drop, image_byt
 N_FILES = 50
 N_KILLS = 12  # kills that land mid-batch (the requirement asks for at least 10)
 MAX_KILLS = 20  # kills that find the daemon idle are not counted; give up after this many
+SPARE_KILLS = 3  # inputs are held back for this many kills that may find the daemon idle
 STAGING = ".dropcut-staging"
 # Terminal events of one attempt: after one of them the upload's result is safe (or the
 # job is back in the queue for a reason that is not the kill).
@@ -217,6 +218,20 @@ def kill_plan(rng: random.Random) -> Iterator[tuple[str, int, float]]:
                 yield kind, rng.randint(1, 4), rng.choice([0.0, 0.0, rng.uniform(0.0, 0.04)])
 
 
+def aim(kind: str, n: int, delay: float, *, new: int, todo: int) -> tuple[str, int, float]:
+    """Fit a planned target to the work this run has, so that it can be reached and finds
+    the batch unfinished: ``file_admitted`` counts only files new to this run (files queued
+    by earlier runs are not admitted again), and the n-th ``input_disposed`` must leave one
+    input to do."""
+    if kind == "file_admitted":
+        if new == 0:
+            return "upload_started", min(n, max(1, todo)), delay
+        return kind, min(n, new), delay
+    if kind == "input_disposed":
+        return kind, min(n, max(1, todo - 1)), delay
+    return kind, min(n, max(1, todo)), delay
+
+
 def interrupted_uploads(events: list[dict[str, Any]]) -> set[str]:
     """sha256 of uploads started in this run whose attempt never settled."""
     open_: set[str] = set()
@@ -326,12 +341,13 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
         while (need := N_KILLS - sum(k.mid_batch for k in kills)) > 0 and len(kills) < MAX_KILLS:
             kind, n, delay = next(plan)
             # Inputs arrive at each (re)start, while the daemon starts: most with the first
-            # one, then enough to keep some work, holding back 3 for each kill still needed.
+            # one, then enough to keep some work, holding back 3 for each kill still needed
+            # and for SPARE_KILLS more (a kill that finds the work done does not count).
             pending = dropped - archived()
-            count = min(N_FILES - dropped, max(N_FILES - dropped - 3 * (need - 1), 3 - pending, 0))
+            reserve = 3 * (need - 1 + max(0, min(SPARE_KILLS, MAX_KILLS - len(kills) - need)))
+            count = min(N_FILES - dropped, max(N_FILES - dropped - reserve, 3 - pending, 0))
             batch = inputs[dropped : dropped + count]
-            todo = pending + count
-            kill = Kill(len(runs) + 1, kind, min(n, max(1, todo)), delay)
+            kill = Kill(len(runs) + 1, *aim(kind, n, delay, new=count, todo=pending + count))
             api.latency = rng.uniform(0.05, 0.2)
             run = KillableDaemon(env).start()
             runs.append(run)
