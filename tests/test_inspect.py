@@ -357,6 +357,36 @@ def test_decompression_bomb_is_too_many_pixels(inbox: Path, spool: Path) -> None
     assert spool_names(spool) == []
 
 
+@pytest.mark.parametrize(("fmt", "ext", "params"), FORMATS, ids=[f for f, _, _ in FORMATS])
+@pytest.mark.parametrize(("max_pixels", "refused"), [(64 * 48 - 1, True), (64 * 48, False)])
+def test_max_pixels_is_the_last_pixel_allowed(
+    inbox: Path, spool: Path, fmt: str, ext: str, params: dict[str, object], max_pixels: int, refused: bool
+) -> None:
+    data = encode(fmt, (64, 48), **params)
+    (inbox / f"photo.{ext}").write_bytes(data)
+    result = inspect_file(inbox, f"photo.{ext}", spool_dir=spool, max_bytes=MAX, max_pixels=max_pixels)
+    if refused:
+        assert isinstance(result, Refused)
+        assert (result.status, result.code) == (422, "too_many_pixels")
+        assert result.detail == f"64x48 is 3072 pixels, over the limit of {max_pixels} (max_pixels)"
+        assert spool_names(spool) == []
+    else:
+        assert isinstance(result, Inspected)
+        assert (result.width, result.height) == (64, 48)
+
+
+def test_max_pixels_refuses_from_the_header_before_decoding(inbox: Path, spool: Path) -> None:
+    # 60 Mpx with an empty IDAT: decoding would say corrupt_image (after allocating 180 MB);
+    # over max_pixels it is refused from the header alone.
+    (inbox / "huge.png").write_bytes(png_chunks(10_000, 6_000, b""))
+    result = inspect_file(inbox, "huge.png", spool_dir=spool, max_bytes=MAX, max_pixels=50_000_000)
+    assert isinstance(result, Refused)
+    assert (result.status, result.code) == (422, "too_many_pixels")
+    assert "10000x6000 is 60000000 pixels" in result.detail
+    under = inspect_file(inbox, "huge.png", spool_dir=spool, max_bytes=MAX, max_pixels=60_000_000)
+    assert isinstance(under, Refused) and under.code == "corrupt_image"
+
+
 @pytest.mark.filterwarnings("error")
 def test_decompression_bomb_warning_is_not_a_refusal(inbox: Path, spool: Path) -> None:
     # 90 Mpx: over Pillow's warning limit, under its error limit.  The IDAT is empty so

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 from PIL import Image
@@ -40,14 +41,17 @@ def test_drop_gives_png_and_archives_input(folders: Folders, api: FakeWithoutBG)
 def test_local_refusals_never_reach_the_api(folders: Folders, api: FakeWithoutBG) -> None:
     good = image_bytes("PNG", seed=2)
     jpeg = image_bytes("JPEG", (200, 200), seed=3)
-    settings = folders.settings(api.url, max_file_bytes=50_000)
+    wide = io.BytesIO()
+    Image.new("RGB", (500, 100), "white").save(wide, "PNG")  # small file, 50,000 pixels
+    settings = folders.settings(api.url, max_file_bytes=50_000, max_pixels=40_000)
     with InProcessDaemon(settings) as run:
         drop(folders.inbox, "big.png", image_bytes("PNG", (200, 200), seed=4))
+        drop(folders.inbox, "wide.png", wide.getvalue())
         drop(folders.inbox, "notes.jpg", b"just some text, not an image\n" * 10)
         drop(folders.inbox, "cut.jpg", jpeg[: len(jpeg) // 2])
         drop(folders.inbox, "empty.png", b"")
         drop(folders.inbox, "ok.png", good)
-        expected = {"big.png": 413, "notes.jpg": 415, "cut.jpg": 422, "empty.png": 422}
+        expected = {"big.png": 413, "notes.jpg": 415, "cut.jpg": 422, "empty.png": 422, "wide.png": 422}
         wait_for(lambda: {e["file"] for e in run.logs.events("file_quarantined")} == set(expected))
         wait_for(lambda: (folders.outbox / "ok.png").exists())
         for name, status in expected.items():
@@ -62,6 +66,11 @@ def test_local_refusals_never_reach_the_api(folders: Folders, api: FakeWithoutBG
             assert record["first_seen"] and record["failed_at"]
             assert (folders.quarantine / name).exists()
             assert not (folders.inbox / name).exists()
+        codes = {
+            name: json.loads((folders.quarantine / f"{name}.error.json").read_text())["error"]["code"]
+            for name in expected
+        }
+        assert codes["wide.png"] == "too_many_pixels" and codes["cut.jpg"] == "corrupt_image"
         quarantined = run.logs.events("file_quarantined")
         assert {e["file"] for e in quarantined} == set(expected)
     assert [r.status for r in api.records()] == [200]

@@ -276,7 +276,8 @@ class Admission:
             try:
                 while batch:
                     s = self.settings
-                    args = ([rel for rel, _ in batch], s.inbox, self._spool_dir, s.max_file_bytes)
+                    rels = [rel for rel, _ in batch]
+                    args = (rels, s.inbox, self._spool_dir, s.max_file_bytes, s.max_pixels)
                     if len(batch) >= POOL_MIN_BATCH:
                         # A backlog: inspection is most of the CPU, and the GIL would keep
                         # it on one core. Two worker processes use the second one.

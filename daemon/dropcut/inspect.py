@@ -418,10 +418,17 @@ def _reject_kind(st: os.stat_result) -> RejectReason | None:
 
 
 def inspect_file(
-    inbox: Path, rel_path: str, *, spool_dir: Path, max_bytes: int, sync: bool = True
+    inbox: Path,
+    rel_path: str,
+    *,
+    spool_dir: Path,
+    max_bytes: int,
+    max_pixels: int | None = None,
+    sync: bool = True,
 ) -> Inspection:
     """Open ``inbox/rel_path`` without following links, copy it to ``spool_dir`` while
-    hashing, and validate it (empty, too large, format by content, full decode).
+    hashing, and validate it (empty, over ``max_bytes``, format by content, over
+    ``max_pixels`` by its header, full decode).
 
     ``sync=False`` leaves the spool file and folder unsynced: the caller batching many
     files calls :func:`sync_spool` once before it records them.
@@ -435,7 +442,7 @@ def inspect_file(
     if isinstance(dir_fd, _WalkFailure):
         return _classify_open_error(rel_path, dir_fd.error, dir_fd.lstat)
     try:
-        return _inspect_in(dir_fd, parts[-1], rel_path, spool_dir, max_bytes, sync)
+        return _inspect_in(dir_fd, parts[-1], rel_path, spool_dir, max_bytes, max_pixels, sync)
     finally:
         os.close(dir_fd)
 
@@ -455,7 +462,13 @@ def sync_spool(spool_dir: Path) -> None:
 
 
 def _inspect_in(
-    dir_fd: int, name: str, rel_path: str, spool_dir: Path, max_bytes: int, sync: bool = True
+    dir_fd: int,
+    name: str,
+    rel_path: str,
+    spool_dir: Path,
+    max_bytes: int,
+    max_pixels: int | None = None,
+    sync: bool = True,
 ) -> Inspection:
     # Look before opening, so FIFOs, sockets, devices and links are never opened at all.
     try:
@@ -475,13 +488,19 @@ def _inspect_in(
         kind = _reject_kind(st)
         if kind is not None:
             return Rejected(rel_path, kind)
-        return _read_and_validate(fd, st, rel_path, spool_dir, max_bytes, sync)
+        return _read_and_validate(fd, st, rel_path, spool_dir, max_bytes, max_pixels, sync)
     finally:
         os.close(fd)
 
 
 def _read_and_validate(
-    fd: int, st: os.stat_result, rel_path: str, spool_dir: Path, max_bytes: int, sync: bool = True
+    fd: int,
+    st: os.stat_result,
+    rel_path: str,
+    spool_dir: Path,
+    max_bytes: int,
+    max_pixels: int | None = None,
+    sync: bool = True,
 ) -> Inspection:
     digest = hashlib.sha256()
     head = b""
@@ -545,7 +564,7 @@ def _read_and_validate(
             os.fsync(out_fd)
         os.close(out_fd)
         out_fd = -1
-        decoded = _decode(tmp_path, fmt)
+        decoded = _decode(tmp_path, fmt, max_pixels)
         if isinstance(decoded, _DecodeFailure):
             return refuse(decoded.status, decoded.code, decoded.detail)
         width, height = decoded
@@ -586,8 +605,12 @@ class _DecodeFailure:
     detail: str
 
 
-def _decode(path: Path, fmt: str) -> tuple[int, int] | _DecodeFailure:
-    """(width, height) if ``path`` decodes completely as the sniffed family ``fmt``."""
+def _decode(path: Path, fmt: str, max_pixels: int | None = None) -> tuple[int, int] | _DecodeFailure:
+    """(width, height) if ``path`` decodes completely as the sniffed family ``fmt``.
+
+    An image of more than ``max_pixels`` is refused from its header, before any pixel is
+    decoded: checking it would need up to 4 bytes a pixel (JPEG aside, which is decoded at
+    1/8 scale), and the cut-out the API returns has the input's resolution."""
     try:
         # A DecompressionBombWarning must not become an error (e.g. under -W error): only
         # Pillow's DecompressionBombError (twice the warning limit) refuses the image.
@@ -602,6 +625,13 @@ def _decode(path: Path, fmt: str) -> tuple[int, int] | _DecodeFailure:
                         f"content starts like {fmt} but decodes as {img.format}",
                     )
                 width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    return _DecodeFailure(
+                        422,
+                        RefusalCode.TOO_MANY_PIXELS,
+                        f"{width}x{height} is {width * height} pixels, "
+                        f"over the limit of {max_pixels} (max_pixels)",
+                    )
                 if fmt == "JPEG":
                     # Decode at 1/8 scale (1/64 of the memory); libjpeg still parses the
                     # whole entropy-coded stream, so truncation is still detected.
@@ -656,7 +686,7 @@ INSPECT_SLICE_SECONDS = 0.2  # a batch's results are handed back at least this o
 
 
 def inspect_some(
-    rels: list[str], inbox: Path, spool_dir: Path, max_bytes: int
+    rels: list[str], inbox: Path, spool_dir: Path, max_bytes: int, max_pixels: int | None = None
 ) -> list[Inspection | Exception]:
     """Inspect ``rels`` in order until done or the time slice is used up; an exception is
     returned in place of its file's result. Runs in a worker thread or process."""
@@ -664,7 +694,11 @@ def inspect_some(
     until = time.monotonic() + INSPECT_SLICE_SECONDS
     for rel in rels:
         try:
-            out.append(inspect_file(inbox, rel, spool_dir=spool_dir, max_bytes=max_bytes, sync=False))
+            out.append(
+                inspect_file(
+                    inbox, rel, spool_dir=spool_dir, max_bytes=max_bytes, max_pixels=max_pixels, sync=False
+                )
+            )
         except Exception as exc:
             out.append(exc)
         if time.monotonic() >= until:

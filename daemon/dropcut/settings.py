@@ -93,6 +93,7 @@ class Settings(BaseSettings):
 
     # files
     max_file_bytes: PositiveInt = 10 * 1024 * 1024
+    max_pixels: PositiveInt = 100_000_000
     on_success: Literal["archive", "delete", "keep"] = "archive"
     result_cache_bytes: Annotated[int, Field(ge=0)] = 1024**3
 
