@@ -136,7 +136,7 @@ _HARD_DRAIN_CAP = 256 * _MIB
 _CACHE_ENTRIES = 64
 _CACHE_BYTES = 128 * _MIB
 
-FaultKind = Literal["fail", "drop", "truncate", "garbage"]
+FaultKind = Literal["fail", "drop", "truncate", "garbage", "bad_encoding"]
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,10 @@ class _Reply:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     kind: Literal["normal", "drop", "truncate"] = "normal"
+
+
+def _bad_encoding_reply(content_type: str) -> _Reply:
+    return _Reply(200, b"this is not gzip at all", content_type, headers={"Content-Encoding": "gzip"})
 
 
 def _json_reply(status: int, detail: Any, headers: dict[str, str] | None = None) -> _Reply:
@@ -521,6 +525,10 @@ class _Handler(BaseHTTPRequestHandler):
             expired = fake._expired
         if not key_ok:
             return _json_reply(401, MSG_INVALID_KEY)
+        with fake._lock:
+            garble, fake._bad_credit = fake._bad_credit > 0, max(0, fake._bad_credit - 1)
+        if garble:
+            return _bad_encoding_reply("application/json")
         payload = {
             "credit": credit,
             "expiration_date": EXPIRED_DATE if expired else EXPIRATION_DATE,
@@ -588,6 +596,8 @@ class _Handler(BaseHTTPRequestHandler):
             return _Reply(0, kind="drop")
         if fault.kind == "garbage":
             return _Reply(200, json.dumps({"detail": "this is not a PNG"}).encode(), "image/png")
+        if fault.kind == "bad_encoding":
+            return _bad_encoding_reply("image/png")
         # truncate: promise the whole PNG, send half of it, hang up.
         im = _decode(upload.data) if upload.data and not upload.too_large else None
         png = self.fake._rendered(upload, im, alpha_only) if im is not None else _placeholder_png()
@@ -646,6 +656,7 @@ class FakeWithoutBG:
         self._records: list[RequestRecord] = []
         self._seq = 0
         self._credit_checks = 0
+        self._bad_credit = 0  # credit answers still to garble (bad_encoding_credit_next)
         self._connections = 0
         self._open_sockets: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -776,6 +787,17 @@ class FakeWithoutBG:
     def garbage_next(self, n: int) -> None:
         """The next ``n`` admitted POSTs: 200 ``image/png`` whose body is JSON, not a PNG."""
         self._queue(_Fault("garbage"), n)
+
+    def bad_encoding_next(self, n: int) -> None:
+        """The next ``n`` admitted POSTs: 200 ``image/png`` that claims ``Content-Encoding:
+        gzip`` but is not gzip (a client cannot decode it)."""
+        self._queue(_Fault("bad_encoding"), n)
+
+    def bad_encoding_credit_next(self, n: int) -> None:
+        """The next ``n`` ``GET /available-credit`` answers: 200 with a body that claims
+        ``Content-Encoding: gzip`` but is not gzip."""
+        with self._lock:
+            self._bad_credit += n
 
     def _queue(self, fault: _Fault, n: int) -> None:
         with self._lock:

@@ -76,3 +76,51 @@ def test_enospc_while_writing_keeps_the_job(tmp_path: Path, small_fs: Path) -> N
             wait_for(lambda: (folders.archive / "a.jpg").exists(), timeout=15)
         assert (folders.outbox / "a.png").exists()
         assert not list((small_fs / "outbox" / ".dropcut-staging").iterdir())
+
+
+@pytest.mark.parametrize("where", ["archive", "quarantine", "state"])
+def test_low_space_on_any_folder_we_write_pauses_before_a_request(
+    tmp_path: Path, small_fs: Path, where: str
+) -> None:
+    """Archive and quarantine take the input, state_dir the result cache and the queue:
+    each is checked before a request is spent, like the outbox."""
+    folders = Folders.make(tmp_path / "f")
+    setattr(folders, where, small_fs / where)
+    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as api:
+        with InProcessDaemon(folders.settings(api.url)) as run:
+            filler = fill(small_fs, leave=160 * 1024)  # the JPEG's result needs ~300 KiB
+            drop(folders.inbox, "a.jpg", image_bytes(size=(120, 90), seed=3))
+            full = wait_for(lambda: run.logs.events("disk_full"))[0]
+            assert full["path"] == str(small_fs / where)
+            assert api.records() == [], "no request is spent on a result that cannot be kept"
+            filler.unlink()
+            wait_for(lambda: (folders.archive / "a.jpg").exists(), timeout=15)
+        assert (folders.outbox / "a.png").exists()
+        assert [r.status for r in api.records()] == [200]
+
+
+def test_enospc_while_archiving_pauses_and_finishes_when_space_returns(
+    tmp_path: Path, small_fs: Path
+) -> None:
+    """The archive (another file system: copy, fsync, rename, unlink) fills up while the
+    request is in flight: the output is kept, the input stays in the inbox, the queue
+    pauses with disk_full, and the move is finished once there is room again."""
+    folders = Folders.make(tmp_path / "f")
+    folders.archive = small_fs / "archive"
+    big = image_bytes(size=(300, 300), seed=4)  # ~270 KB of noise: more than will be free
+    with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0, latency=1.0) as api:
+        with InProcessDaemon(folders.settings(api.url)) as run:
+            drop(folders.inbox, "a.jpg", big)
+            wait_for(lambda: run.logs.events("upload_started"))
+            filler = fill(small_fs, leave=0)
+            wait_for(lambda: run.logs.events("disk_full"))
+            assert run.logs.events("queue_paused")[0]["code"] == "disk_full"
+            assert (folders.outbox / "a.png").exists(), "the output is durable before the input moves"
+            assert (folders.inbox / "a.jpg").read_bytes() == big
+            assert not run.logs.events("job_failed")
+            filler.unlink()
+            wait_for(lambda: (folders.archive / "a.jpg").exists(), timeout=15)
+            assert not (folders.inbox / "a.jpg").exists()
+        assert (folders.archive / "a.jpg").read_bytes() == big
+        assert [r.status for r in api.records()] == [200]
+        assert not list((small_fs / "archive" / ".dropcut-staging").iterdir())

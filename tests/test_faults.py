@@ -209,3 +209,26 @@ def test_an_outage_quarantines_nothing_while_the_budget_lasts(folders: Folders, 
     assert not list(folders.quarantine.rglob("*")), "an outage within the budget quarantines nothing"
     assert max(attempts) < 8
     assert during < 4 * 8, f"{during} requests in 3 s of outage: the backoff did not wait"
+
+
+def test_an_outage_backs_off_as_one_service_not_file_by_file(folders: Folders, api: FakeWithoutBG) -> None:
+    """The wait after a 503 grows with the outage, not with the attempts of whichever job
+    happened to probe: six queued files must not each restart the backoff from its base
+    (that would be 6 x 5 quick probes before the waits reach the cap)."""
+    settings = folders.settings(
+        api.url, max_attempts=8, retry_base_delay_seconds=0.05, retry_max_delay_seconds=1.6
+    )
+    api.fail_next(10_000, 503)
+    with InProcessDaemon(settings) as run:
+        for i in range(6):
+            drop(folders.inbox, f"s{i}.jpg", image_bytes(seed=90 + i))
+        wait_for(lambda: len(run.logs.events("job_queued")) == 6)
+        wait_for(lambda: len(api.records()) >= 1)
+        time.sleep(3.0)  # the outage itself
+        during = len(api.records())
+        api.reset()  # the server is back
+        wait_for(lambda: len(list(folders.outbox.glob("*.png"))) == 6, timeout=30)
+    assert not list(folders.quarantine.rglob("*"))
+    # One service-wide backoff: about 0.05+0.1+0.2+0.4+0.8 s, then ~0.8 s a probe: ~8 in
+    # 3 s. Per-file backoff from each job's own attempt count makes about 25.
+    assert during <= 15, f"{during} requests in 3 s of outage"

@@ -376,10 +376,10 @@ def test_moves_into_archive_and_quarantine_never_follow_links(
         wait_for(lambda: (folders.archive / "f.jpg").exists())
         (failed,) = wait_for(lambda: run.logs.events("quarantine_failed"))
         assert failed["file"] == "sub/bad.jpg"
-        # last, as its failed archive move holds the dispatcher back for a while
         drop(folders.inbox, "sub/good.jpg", image_bytes(seed=30))
         wait_for(lambda: (folders.outbox / "sub" / "good.png").exists())
-        wait_for(lambda: run.logs.events("job_failed"))  # the archive move was refused
+        (refused,) = wait_for(lambda: run.logs.events("input_dispose_failed"))  # the archive move
+        assert refused["file"] == "sub/good.jpg", refused
     # the targets are untouched and nothing was written through a link
     assert sorted(os.listdir(outside)) == sorted(victims)
     for name, data in victims.items():

@@ -4,6 +4,7 @@ collisions — the real daemon in-process on real files, real HTTP to the fake A
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -364,3 +365,35 @@ def test_the_same_path_dropped_again_with_new_content_replaces_its_output(
     assert (folders.archive / "shoe.jpg").read_bytes() == first
     assert (folders.archive / "shoe~2.jpg").read_bytes() == second
     assert [r.sha256 for r in api.records()] == [sha(first), sha(second)]
+
+
+def test_content_dropped_again_after_other_content_at_the_same_path_wins_again(
+    folders: Folders, api: FakeWithoutBG
+) -> None:
+    """A, then B, then A again under one name: each drop is the newest when it is processed,
+    so the outbox ends with A's cut-out. (A's job comes back with its old row for the third
+    drop; it must not look older than B's and have its result thrown away as stale.)"""
+    a = image_bytes("JPEG", (64, 48), seed=610)
+    b = image_bytes("JPEG", (90, 70), seed=611)
+    with InProcessDaemon(
+        folders.settings(api.url, watch_mode="poll", poll_interval_seconds=0.1, debounce_seconds=0.1)
+    ) as run:
+        outputs: list[bytes] = []
+        for n, data in enumerate((a, b, a), start=1):
+            drop(folders.inbox, "shoe.jpg", data)
+            wait_for(lambda n=n: len(run.logs.events("input_disposed")) == n)
+            outputs.append((folders.outbox / "shoe.png").read_bytes())
+        assert [e["output"] for e in run.logs.events("output_written")] == ["shoe.png"] * 3
+        assert not run.logs.events("output_superseded")
+    out_a, out_b, final = outputs
+    assert out_a != out_b
+    assert final == out_a, "the outbox kept B's cut-out after A was dropped again"
+    # and it is A's cut-out indeed: the fake keeps the input's pixels and size, adds a matte
+    with Image.open(folders.outbox / "shoe.png") as img, Image.open(io.BytesIO(a)) as src:
+        assert img.format == "PNG" and img.mode == "RGBA" and img.size == (64, 48)
+        assert img.convert("RGB").tobytes() == src.convert("RGB").tobytes()
+    assert folders.files(folders.outbox) == ["shoe.png"]
+    assert folders.files(folders.inbox) == []
+    # archived (the third drop's bytes are those of archive/shoe.jpg already)
+    assert {(folders.archive / f).read_bytes() for f in folders.files(folders.archive)} == {a, b}
+    assert {r.sha256 for r in api.records()} == {sha(a), sha(b)}

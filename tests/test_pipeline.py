@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 
+import pytest
 from PIL import Image
 
 from tests.fake_api import FakeWithoutBG
-from tests.support import API_KEY, Folders, InProcessDaemon, drop, image_bytes, wait_for
+from tests.support import (
+    API_KEY,
+    DaemonProcess,
+    Folders,
+    InProcessDaemon,
+    drop,
+    image_bytes,
+    json_events,
+    wait_for,
+)
 
 
 def test_drop_gives_png_and_archives_input(folders: Folders, api: FakeWithoutBG) -> None:
@@ -89,3 +101,45 @@ def test_a_backlog_is_inspected_in_worker_processes(folders: Folders, api: FakeW
         wait_for(lambda: len(list(folders.outbox.rglob("*.png"))) == count, timeout=60)
     assert len({r.sha256 for r in api.records()}) == count
     assert not list((folders.state / "spool").iterdir())
+
+
+def _png_pillow_warns_about(seed: int) -> bytes:
+    """A valid PNG with an acTL chunk announcing 0 frames: Pillow warns "Invalid APNG"
+    (a UserWarning) when it opens it, and decodes it as a still PNG."""
+    png = image_bytes("PNG", (16, 16), seed=seed)
+    body = b"acTL" + struct.pack(">II", 0, 0)
+    chunk = struct.pack(">I", 8) + body + struct.pack(">I", zlib.crc32(body))
+    at = png.index(b"IDAT") - 4
+    return png[:at] + chunk + png[at:]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid APNG:UserWarning")  # the fake API's Pillow
+def test_what_libraries_say_in_inspection_workers_is_logged_as_json(
+    folders: Folders, api: FakeWithoutBG
+) -> None:
+    """With log_format=json every line the process writes is a JSON event, also what
+    Pillow says in the worker processes that inspect a backlog (they have no logging of
+    their own and share the daemon's stderr): each warning is a python_warning event of
+    the daemon naming its file."""
+    count = 100  # one batch of POOL_MIN_BATCH or more: the process pool
+    names = [f"bulk/{i:03}.png" for i in range(count)]
+    for i, name in enumerate(names):
+        drop(folders.inbox, name, _png_pillow_warns_about(2000 + i))
+    proc = DaemonProcess(folders.env(api.url, rate_limit_requests=200)).start()
+    try:
+        wait_for(lambda: len(proc.events("file_admitted")) == count, timeout=60)
+    finally:
+        returncode = proc.stop()
+    assert returncode == 0
+    for line in list(proc.lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+        assert isinstance(event, dict) and event.get("event") and event.get("timestamp"), line
+    warned = [e for e in json_events(proc.lines, "python_warning") if "file" in e]
+    assert {e["file"] for e in warned} == set(names)
+    for event in warned:
+        assert event["category"] == "UserWarning" and event["level"] == "warning"
+        assert "Invalid APNG" in event["message"]
+    assert any(e.get("worker") for e in warned), "no file was inspected in a worker process"

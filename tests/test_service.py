@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import socket
 import threading
 import time
@@ -10,8 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
-from dropcut.settings import load_settings
+from dropcut.dispatch import retry_policy
+from dropcut.service import Daemon
+from dropcut.settings import RESTART_KEYS, Settings, load_settings
 from dropcut.systemd import Notifier
 from tests.fake_api import FakeWithoutBG
 from tests.support import API_KEY, Folders, InProcessDaemon, drop, image_bytes, wait_for
@@ -122,7 +127,14 @@ def write_config(path: Path, folders: Folders, api_url: str, **values: object) -
     base.update(values)
     lines = []
     for key, value in base.items():
-        lines.append(f"{key} = {value!r}".replace("'", '"') if isinstance(value, str) else f"{key} = {value}")
+        if value is None:
+            continue  # None: the key is left out (its default)
+        if isinstance(value, str | Path):
+            lines.append(f"{key} = {json.dumps(str(value))}")
+        elif isinstance(value, list | tuple):
+            lines.append(f"{key} = {json.dumps(list(value))}")
+        else:
+            lines.append(f"{key} = {value}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -173,4 +185,166 @@ def test_reload_with_broken_config_keeps_running(tmp_path: Path, api: FakeWithou
         run.call(run.daemon.request_reload)
         wait_for(lambda: run.logs.events("reload_failed"))
         drop(folders.inbox, "a.jpg", image_bytes(seed=4))
+        wait_for(lambda: (folders.outbox / "a.png").exists())
+
+
+# --- what a reload puts in force ------------------------------------------------------------
+
+# Every key a reload accepts, with a new value (the start values are in write_config and in
+# RELOAD_START). The test checks each in the component that uses it; a key that is neither
+# here nor in RESTART_KEYS fails the test, so a new setting needs a decision.
+RELOAD_START: dict[str, object] = {
+    "watch_mode": "poll",
+    "poll_interval_seconds": 60.0,  # no poll during the test unless the reload applies 0.2
+    "rescan_interval_seconds": 300.0,
+    "rate_limit_margin_seconds": 0.01,  # set: the period may then change by a reload
+    "log_level": "info",
+}
+RELOADED: dict[str, object] = {
+    "api_key": None,  # the new key comes from api_key_file
+    "api_key_file": "<written by the test>",
+    "rate_limit_requests": 9,
+    "rate_limit_period_seconds": 2.0,
+    "credit_check_interval_seconds": 0.7,
+    "credit_warn_below": 10**6,
+    "max_attempts": 9,
+    "retry_base_delay_seconds": 0.07,
+    "retry_max_delay_seconds": 0.9,
+    "poll_interval_seconds": 0.2,
+    "rescan_interval_seconds": 0.5,
+    "debounce_seconds": 0.1,
+    "max_settle_seconds": 99.0,
+    "corrupt_grace_seconds": 3.0,
+    "ignore_patterns": ["*.skip", ".*"],
+    "ignore_dirs": ["skipped", ".*"],
+    "max_file_bytes": 5_000_000,
+    "max_pixels": 7_000_000,
+    "on_success": "delete",
+    "result_cache_bytes": 12345,
+    "shutdown_grace_seconds": 4.0,
+    "log_level": "debug",
+}
+
+
+def in_force(d: Daemon) -> dict[str, object]:
+    """Each reloadable key as the running component that uses it sees it."""
+    policy = retry_policy(d.dispatcher.settings)
+    key = d.settings.resolve_api_key()
+    return {
+        "api_key": d.settings.api_key,
+        "api_key_file": str(d.settings.api_key_file),
+        "resolved_key": key.get_secret_value() if key else None,
+        "rate_limit_requests": d.pacer.limit,
+        "rate_limit_period_seconds": d.pacer.period,
+        "credit_check_interval_seconds": d.dispatcher.settings.credit_check_interval_seconds,
+        "credit_warn_below": d.dispatcher.settings.credit_warn_below,
+        "max_attempts": policy.max_attempts,
+        "retry_base_delay_seconds": policy.base_delay,
+        "retry_max_delay_seconds": policy.max_delay,
+        "poll_interval_seconds": d.admission.settings.poll_interval_seconds,
+        "rescan_interval_seconds": d.settings.rescan_interval_seconds,
+        "debounce_seconds": d.admission.settings.debounce_seconds,
+        "max_settle_seconds": d.admission.settings.max_settle_seconds,
+        "corrupt_grace_seconds": d.admission.settings.corrupt_grace_seconds,
+        "ignore_patterns": list(d.admission.settings.ignore_patterns),
+        "ignore_dirs": list(d.admission.settings.ignore_dirs),
+        "max_file_bytes": d.admission.settings.max_file_bytes,
+        "max_pixels": d.admission.settings.max_pixels,
+        "on_success": d.publisher.on_success,
+        "result_cache_bytes": d.cache.max_bytes,
+        "shutdown_grace_seconds": d.settings.shutdown_grace_seconds,
+        "log_level": "debug" if structlog.get_logger().is_enabled_for(logging.DEBUG) else "not debug",
+    }
+
+
+def test_every_setting_is_reloadable_or_needs_a_restart() -> None:
+    fields = set(Settings.model_fields)
+    assert not set(RESTART_KEYS) & set(RELOADED)
+    assert fields == set(RESTART_KEYS) | set(RELOADED), "decide: put it in force on reload, or RESTART_KEYS"
+
+
+def test_reload_puts_every_other_key_in_force(tmp_path: Path, api: FakeWithoutBG) -> None:
+    folders = Folders.make(tmp_path / "f")
+    config = write_config(tmp_path / "dropcut.toml", folders, api.url, **RELOAD_START)
+    key_file = tmp_path / "api-key"
+    key_file.write_text("new-key\n")
+    new = {**RELOADED, "api_key_file": str(key_file)}
+    with InProcessDaemon(load_settings(config), config_path=config) as run:
+        d = run.daemon
+        assert not [k for k in RELOADED if in_force(d)[k] == new[k]], "start values must differ"
+        api.api_key = "new-key"  # from now on the server takes the new key only
+        write_config(config, folders, api.url, **{**RELOAD_START, **new})
+        run.call(d.request_reload)
+        reloaded = wait_for(lambda: run.logs.events("config_reloaded"))[0]
+        assert not run.logs.events("reload_refused")
+        assert set(reloaded["changed"]) == set(RELOADED)
+        effective = in_force(d)
+        assert effective["resolved_key"] == "new-key"
+        assert {k: effective[k] for k in RELOADED} == new
+
+        # and the daemon acts on them:
+        # poll_interval_seconds: the poll watch is rebuilt with 0.2 s
+        restarted = wait_for(lambda: run.logs.events("watch_restarted"), timeout=10)[0]
+        assert restarted["poll_interval_s"] == 0.2
+        # log_level and rescan_interval_seconds: debug lines of rescans every 0.5 s
+        wait_for(lambda: len(run.logs.events("rescan_done")) >= 2, timeout=10)
+        # credit_warn_below: the credit check that the reload set off warns
+        wait_for(lambda: run.logs.events("credit_low"), timeout=10)
+        # ignore_patterns
+        drop(folders.inbox, "c.skip", b"not an image")
+        wait_for(lambda: any(e.get("file") == "c.skip" for e in run.logs.events("file_ignored")))
+        # api_key_file (the server refuses the old key) and on_success = delete
+        drop(folders.inbox, "b.jpg", image_bytes(seed=5))
+        wait_for(lambda: (folders.outbox / "b.png").exists() and not (folders.inbox / "b.jpg").exists())
+        assert not (folders.archive / "b.jpg").exists()
+        assert not run.logs.events("queue_paused")
+    assert "new-key" not in run.logs.text()
+
+
+def test_reload_of_the_poll_interval_rebuilds_the_poll_watch(tmp_path: Path, api: FakeWithoutBG) -> None:
+    folders = Folders.make(tmp_path / "f")
+    config = write_config(
+        tmp_path / "dropcut.toml", folders, api.url, watch_mode="poll", poll_interval_seconds=60.0
+    )
+    with InProcessDaemon(load_settings(config), config_path=config) as run:
+        write_config(config, folders, api.url, watch_mode="poll", poll_interval_seconds=0.2)
+        run.call(run.daemon.request_reload)
+        wait_for(lambda: run.logs.events("config_reloaded"))
+        drop(folders.inbox, "a.jpg", image_bytes(seed=6))
+        # polled every 60 s (and rescanned every 300 s), it would take a minute to be seen
+        wait_for(lambda: (folders.outbox / "a.png").exists(), timeout=10)
+
+
+# (key, value, keys named by reload_refused): each needs a restart.
+RESTART_CHANGES = [
+    ("api_url", "http://127.0.0.1:9", ["api_url"]),
+    ("request_timeout_seconds", 3.0, ["request_timeout_seconds"]),
+    ("max_in_flight", 9, ["max_in_flight"]),
+    ("rate_limit_margin_seconds", 0.5, ["rate_limit_margin_seconds"]),
+    ("log_format", "console", ["log_format"]),
+    # rate_limit_margin_seconds unset: its default (period / 240) would change
+    ("rate_limit_period_seconds", 2.0, ["rate_limit_period_seconds"]),
+    ("watch_mode", "poll", ["watch_mode"]),
+]
+
+
+def test_reload_refuses_keys_that_need_a_restart_and_keeps_the_old_configuration(
+    tmp_path: Path, api: FakeWithoutBG
+) -> None:
+    folders = Folders.make(tmp_path / "f")
+    config = write_config(tmp_path / "dropcut.toml", folders, api.url)
+    with InProcessDaemon(load_settings(config), config_path=config) as run:
+        d = run.daemon
+        before = d.settings
+        for n, (key, value, named) in enumerate(RESTART_CHANGES, start=1):
+            # with a change a reload could apply: the old configuration stays, whole
+            values: dict[str, object] = {key: value, "rate_limit_requests": 3, "debounce_seconds": 0.1}
+            write_config(config, folders, str(values.pop("api_url", api.url)), **values)
+            run.call(d.request_reload)
+            refused = wait_for(lambda n=n: run.logs.events("reload_refused")[n - 1 :])[0]
+            assert refused["keys"] == named, key
+            assert d.settings is before
+            assert d.pacer.limit == 50 and d.admission.settings.debounce_seconds == 0.2
+        assert not run.logs.events("config_reloaded")
+        drop(folders.inbox, "a.jpg", image_bytes(seed=7))
         wait_for(lambda: (folders.outbox / "a.png").exists())

@@ -9,18 +9,21 @@ records the results in the queue in batches. Files refused here never reach the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import multiprocessing
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from dropcut import inspect as insp
+from dropcut.capture import Note
 from dropcut.publish import Publisher
 from dropcut.queue import JobQueue, NewJob
 from dropcut.settings import Settings
@@ -44,6 +47,16 @@ SETTLE_BATCH = 2048  # candidates looked at per settle step (the loop stays resp
 INSPECT_BATCH = 256  # admitted files one inspector takes at once (one thread hop, one commit)
 POOL_MIN_BATCH = 64  # a batch this large (a backlog) is inspected in worker processes
 POOL_WORKERS = 2
+
+
+# In a worker process, what libraries say while inspecting (Pillow's warnings...) is
+# handed back to be logged here: the workers have no logging, their stderr is ours.
+_inspect_in_worker = functools.partial(insp.inspect_some, capture=True)
+
+
+def _about_file(rel: str) -> AbstractContextManager[object]:
+    """In a worker thread: the events libraries log while ``rel`` is inspected name it."""
+    return structlog.contextvars.bound_contextvars(file=rel)
 
 
 def _signature(rel: str, st: os.stat_result) -> tuple[str, int, int, int]:
@@ -282,11 +295,15 @@ class Admission:
                         # A backlog: inspection is most of the CPU, and the GIL would keep
                         # it on one core. Two worker processes use the second one.
                         loop = asyncio.get_running_loop()
-                        results = await loop.run_in_executor(self._process_pool(), insp.inspect_some, *args)
+                        pool = self._process_pool()
+                        results, notes = await loop.run_in_executor(pool, _inspect_in_worker, *args)
                     else:
-                        results = await asyncio.to_thread(insp.inspect_some, *args)
+                        results, notes = await asyncio.to_thread(
+                            insp.inspect_some, *args, per_file=_about_file
+                        )
                     done, batch = batch[: len(results)], batch[len(results) :]
                     try:
+                        self._log_notes(notes)
                         self._handle_all(done, results)
                     finally:
                         self._release(done)
@@ -312,6 +329,25 @@ class Admission:
             self._busy.discard(rel)
             if rel in self._recheck:
                 self.notice(rel, due=self._recheck.pop(rel))
+
+    def _log_notes(self, notes: list[Note]) -> None:
+        """Log what libraries said in a worker process as they are logged here
+        (:mod:`dropcut.logs`), with the file they said it about."""
+        for note in notes:
+            fields: dict[str, object] = {} if note.rel_path is None else {"file": note.rel_path}
+            fields["worker"] = True
+            if note.kind == "warning":
+                event = "python_warning"
+                fields.update(logger="py.warnings", category=note.source, where=note.where)
+            elif note.kind == "log":
+                event = "library_log"
+                fields["logger"] = note.source
+                if note.exception is not None:
+                    fields["exception"] = note.exception
+            else:
+                event = "library_output"
+                fields["stream"] = note.source
+            getattr(self._log, note.level)(event, message=note.message, **fields)
 
     def _handle_all(self, done: list[tuple[str, Seen]], results: list[insp.Inspection | Exception]) -> None:
         """Act on inspection results; the admitted files are queued together."""

@@ -43,10 +43,14 @@ class ResultCache:
             return
         final = self.path(sha256)
         tmp = self.directory / f"{sha256}.{os.getpid()}.tmp"
-        with source.open("rb") as src, tmp.open("wb") as dst:
-            shutil.copyfileobj(src, dst, COPY_CHUNK)
-            dst.flush()
-            os.fsync(dst.fileno())
+        try:
+            with source.open("rb") as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # (a full state_dir must not keep a half copy)
+            raise
         size = tmp.stat().st_size
         old = final.stat().st_size if final.exists() else 0
         os.replace(tmp, final)

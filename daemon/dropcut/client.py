@@ -181,7 +181,7 @@ class WithoutBG:
                 if response.status_code != 200:
                     return await _error_outcome(response)
                 await _save(response, dest)
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # transport errors, and bodies httpx cannot decode
             return Outcome(transport_error=transport_error_kind(exc), detail=_describe(exc))
         except OSError:
             dest.unlink(missing_ok=True)
@@ -192,7 +192,7 @@ class WithoutBG:
     async def available_credit(self) -> Credit:
         try:
             response = await self._http.get(CREDIT_PATH, headers=self._auth())
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             return Credit(outcome=Outcome(transport_error=transport_error_kind(exc), detail=_describe(exc)))
         if response.status_code != 200:
             return Credit(outcome=_outcome_from_body(response, response.content))
@@ -248,7 +248,7 @@ def _outcome_from_body(response: httpx.Response, body: bytes) -> Outcome:
     )
 
 
-def _describe(exc: httpx.TransportError) -> str:
+def _describe(exc: httpx.HTTPError) -> str:
     # The URL is ours and harmless; headers (the key) are never part of httpx's messages.
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]

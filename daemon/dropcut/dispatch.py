@@ -25,7 +25,7 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
-from dropcut.judge import Pause, Publish, Refuse, Retry, RetryPolicy, judge
+from dropcut.judge import Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
 from dropcut.pace import Pacer
 from dropcut.paths import Layout, output_candidates, output_key
 from dropcut.publish import Publisher, copy_to_staging, new_staging_file
@@ -89,6 +89,8 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._hold_until = 0.0
+        self._move_failures: dict[int, str] = {}  # job id -> why its input could not be moved
+        self._outage_streak = 0  # service-wide failures in a row (429, 5xx, network)
         self._low_credit = False
         self._log = structlog.get_logger()
         self.last_credit: int | None = None
@@ -136,11 +138,9 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             now = self._clock()
-            if (
-                self.paused is not None
-                or now < self._hold_until
-                or self.in_flight >= self.settings.max_in_flight
-            ):
+            # During an outage one request probes the service; the others wait for it.
+            limit = 1 if self._outage_streak else self.settings.max_in_flight
+            if self.paused is not None or now < self._hold_until or self.in_flight >= limit:
                 await self._sleep(max(0.0, self._hold_until - now) if now < self._hold_until else None)
                 continue
             job = self._queue.claim()
@@ -215,11 +215,16 @@ class Dispatcher:
             self._queue.release(job.id)
             log.exception("job_failed")
             self._hold_until = max(self._hold_until, self._clock() + 5.0)
+        except Exception:  # a bug, or the queue's database failing: never strand the job
+            self._queue.release(job.id)
+            log.exception("job_failed")
+            self._hold_until = max(self._hold_until, self._clock() + 5.0)
 
     def _short_of_space(self, spool: Path | None) -> Path | None:
         """A folder we write to that lacks room for this image's result, or None."""
         need = space_needed(*image_size(spool)) if spool is not None else 256 * 1024
-        for root in self._layout.output_roots():
+        # state_dir too: the result cache and the queue's database grow there.
+        for root in (*self._layout.output_roots(), self._layout.state_dir):
             if root.exists() and _free_bytes(root) < need:
                 return root
         return None
@@ -247,13 +252,12 @@ class Dispatcher:
                     on_sent=handle.mark_sent,
                 )
             duration_ms = round((time.monotonic() - started) * 1000)
+            policy = retry_policy(self.settings)
             decision = judge(
-                outcome,
-                attempt=attempt,
-                policy=retry_policy(self.settings),
-                now=datetime.now(UTC),
-                jitter=self._rng.random(),
+                outcome, attempt=attempt, policy=policy, now=datetime.now(UTC), jitter=self._rng.random()
             )
+            service_wide = isinstance(decision, Retry) and decision.code in SERVICE_WIDE
+            self._outage_streak = self._outage_streak + 1 if service_wide else 0
             entry = {
                 "attempt": attempt,
                 "at": self._clock(),
@@ -266,15 +270,20 @@ class Dispatcher:
             match decision:
                 case Publish():
                     log.info("upload_succeeded", attempt=attempt, status=200, duration_ms=duration_ms)
-                    self._cache.store(job.sha256, staged)
+                    try:
+                        self._cache.store(job.sha256, staged)
+                    except OSError as exc:  # a missing cache entry costs nothing now: publish
+                        log.warning("cache_store_failed", detail=exc.strerror or str(exc))
                     handed_over = True
                     self._publish(job, staged, log, from_cache=False, entry=entry)
                 case Retry():
                     entry["code"] = decision.code
-                    if decision.code in SERVICE_WIDE:
-                        # The service, not this file, is the problem: everyone waits, so
-                        # an outage spends one job's attempts, not every job's.
-                        self._hold_until = max(self._hold_until, self._clock() + decision.delay)
+                    if service_wide:
+                        # The service, not this file, is the problem: everyone waits, and
+                        # the wait grows with the outage, not with this job's attempts, so
+                        # a long outage costs each queued file only a few attempts.
+                        outage = backoff_delay(self._outage_streak, policy, self._rng.random())
+                        self._hold_until = max(self._hold_until, self._clock() + max(decision.delay, outage))
                     self._queue.retry_later(job.id, at=self._clock() + decision.delay, entry=entry)
                     log.warning(
                         "retry_scheduled",
@@ -321,27 +330,71 @@ class Dispatcher:
         self.finish_published(self._queue.get(job.id) or job)
 
     def finish_published(self, job: Job) -> None:
-        """Move the input away after its output is durable (also used at start-up). With
-        the inbox away (NAS offline) the job waits in ``published`` for its return."""
+        """Move the input away after its output is durable (also at start-up and after each
+        rescan). The job waits in ``published`` while the inbox is away (NAS offline), while
+        the input cannot be moved (EACCES, EPERM, EBUSY: reported once, tried again after
+        the next rescan) and while the disk is full (the queue pauses)."""
         if inbox_problem(self._layout.inbox) is not None:
             self._log.warning("input_dispose_deferred", file=job.rel_path, reason="inbox unavailable")
             return
         identity = (job.size, job.mtime_ns, job.inode, job.device)
-        what = self._publisher.dispose_input(job.rel_path, identity, sha256=job.sha256)
+        try:
+            what = self._publisher.dispose_input(job.rel_path, identity, sha256=job.sha256)
+        except OSError as exc:
+            self._move_failed(job, exc, "input_dispose_failed")
+            return
+        self._move_failures.pop(job.id, None)
         self._queue.mark_done(job.id)
         self._drop_spool(job.sha256)
         self._log.info("input_disposed", file=job.rel_path, sha256=job.sha256, result=what)
 
+    def resume_quarantine(self, job: Job) -> None:
+        """Finish a quarantine that a crash or a failed move interrupted (its intent and
+        error are in the queue), unless the inbox is away or the move fails again."""
+        if inbox_problem(self._layout.inbox) is not None:
+            self._log.warning("quarantine_deferred", file=job.rel_path, reason="inbox unavailable")
+            return
+        try:
+            self.finish_quarantine(job, self._queue.job_error(job.id) or {})
+        except OSError as exc:
+            self._move_failed(job, exc, "quarantine_failed")
+            return
+        self._move_failures.pop(job.id, None)
+
     def finish_pending(self) -> None:
-        """Finish input moves that had to wait (inbox back, disk space back)."""
+        """Finish what had to wait: input moves and quarantines (at start-up, after each
+        rescan, when the inbox or disk space comes back)."""
         for job in self._queue.published_jobs():
             self.finish_published(job)
+        for job in self._queue.quarantining_jobs():
+            self.resume_quarantine(job)
+
+    def _move_failed(self, job: Job, exc: OSError, event: str) -> None:
+        """A move out of the inbox failed: a full disk pauses the queue; anything else
+        (permissions, a locked file on SMB) is reported once per job and reason, and the
+        job keeps its state until :meth:`finish_pending` tries again."""
+        if exc.errno in DISK_ERRNOS:
+            self._disk_full(job, Path(str(exc.filename or self._layout.archive)), str(exc.strerror))
+            return
+        reason = f"{errno.errorcode.get(exc.errno or 0, 'error')}: {exc.strerror or exc}"
+        level = "debug" if self._move_failures.get(job.id) == reason else "warning"
+        self._move_failures[job.id] = reason
+        getattr(self._log, level)(
+            event, file=job.rel_path, sha256=job.sha256, reason=reason, retry="after the next rescan"
+        )
 
     def _quarantine(
         self, job: Job, decision: Refuse, entry: dict[str, Any], attempt: int, log: BoundLogger
     ) -> None:
         error = {"status": decision.status, "code": decision.code, "detail": decision.detail, "source": "api"}
-        placed = self.finish_quarantine(job, error, entry=entry, attempts=attempt)
+        try:
+            placed = self.finish_quarantine(job, error, entry=entry, attempts=attempt)
+        except OSError as exc:
+            # Before the intent was recorded the job is still in flight: back to the queue.
+            # After it, the job is ``quarantining`` and finish_pending completes the move.
+            self._queue.release(job.id)
+            self._move_failed(job, exc, "quarantine_failed")
+            return
         log.warning(
             "file_quarantined",
             status=decision.status,

@@ -24,6 +24,7 @@ failures on the daemon's own spool disk (``ENOSPC``, a missing ``spool_dir``...)
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -32,12 +33,15 @@ import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from dropcut.capture import Capture, Note
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -686,23 +690,49 @@ INSPECT_SLICE_SECONDS = 0.2  # a batch's results are handed back at least this o
 
 
 def inspect_some(
-    rels: list[str], inbox: Path, spool_dir: Path, max_bytes: int, max_pixels: int | None = None
-) -> list[Inspection | Exception]:
+    rels: list[str],
+    inbox: Path,
+    spool_dir: Path,
+    max_bytes: int,
+    max_pixels: int | None = None,
+    *,
+    capture: bool = False,
+    per_file: Callable[[str], AbstractContextManager[object]] | None = None,
+) -> tuple[list[Inspection | Exception], list[Note]]:
     """Inspect ``rels`` in order until done or the time slice is used up; an exception is
-    returned in place of its file's result. Runs in a worker thread or process."""
+    returned in place of its file's result. Runs in a worker thread or process.
+
+    ``capture=True`` (in a worker process only: see :class:`dropcut.capture.Capture`) also returns, as
+    :class:`Note` s naming their file, the warnings, log records and stdout/stderr output
+    that would otherwise go to the worker's stderr, unformatted.  Otherwise they take
+    their usual way (the daemon's logging) and no notes are returned; ``per_file(rel)`` is
+    a context each file is inspected in (the daemon binds the file to its log events)."""
     out: list[Inspection | Exception] = []
     until = time.monotonic() + INSPECT_SLICE_SECONDS
-    for rel in rels:
-        try:
-            out.append(
-                inspect_file(
-                    inbox, rel, spool_dir=spool_dir, max_bytes=max_bytes, max_pixels=max_pixels, sync=False
-                )
-            )
-        except Exception as exc:
-            out.append(exc)
-        if time.monotonic() >= until:
-            break
-    # Durable before the caller records them: one syncfs for the batch, not two fsyncs a file.
-    sync_spool(spool_dir)
-    return out
+    with Capture() if capture else contextlib.nullcontext() as captured:
+        for rel in rels:
+            if captured is not None:
+                context: AbstractContextManager[object] = captured.file(rel)
+            elif per_file is not None:
+                context = per_file(rel)
+            else:
+                context = contextlib.nullcontext()
+            with context:
+                try:
+                    out.append(
+                        inspect_file(
+                            inbox,
+                            rel,
+                            spool_dir=spool_dir,
+                            max_bytes=max_bytes,
+                            max_pixels=max_pixels,
+                            sync=False,
+                        )
+                    )
+                except Exception as exc:
+                    out.append(exc)
+            if time.monotonic() >= until:
+                break
+        # Durable before the caller records them: one syncfs for the batch, not two fsyncs a file.
+        sync_spool(spool_dir)
+    return out, (captured.notes if captured is not None else [])

@@ -1,10 +1,12 @@
 """structlog set-up: one processor chain for our events and everybody else's.
 
 Our events are named (``file_admitted``, ``upload_started``…) with fields bound, never
-sentences. Records from the standard ``logging`` module (httpx, watchdog), Python warnings
-and uncaught exceptions are turned into events of the same chain, so with
-``log_format=json`` every line the process writes is one JSON object with ``event`` and
-``timestamp``. The redactor removes secrets (the API key) from every value.
+sentences. Records from the standard ``logging`` module (httpx, watchdog: ``library_log``),
+Python warnings (``python_warning``) and uncaught exceptions are turned into events of the
+same chain, so with ``log_format=json`` every line the process writes is one JSON object
+with ``event`` and ``timestamp``. (The inspection pool's worker processes log nothing:
+what libraries say there is handed back and logged by :mod:`dropcut.admit` as the same
+events.) The redactor removes secrets (the API key) from every value.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import warnings
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -69,6 +72,27 @@ class _StdlibBridge(logging.Handler):
             self.handleError(record)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning``: a Python warning becomes a ``python_warning`` event."""
+    try:
+        structlog.get_logger("py.warnings").warning(
+            "python_warning",
+            message=str(message),
+            logger="py.warnings",
+            category=category.__name__,
+            where=f"{filename}:{lineno}",
+        )
+    except Exception:  # never let a warning kill the caller
+        pass
+
+
 def _add_logger_name(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
     event_dict.setdefault("logger", "dropcut")
     return event_dict
@@ -118,7 +142,8 @@ def configure(
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.INFO)
-    logging.captureWarnings(True)
+    logging.captureWarnings(False)  # in case someone did: warnings are ours, structured
+    warnings.showwarning = _show_warning
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_crash
     return redactor

@@ -8,6 +8,11 @@ re-read, never trusted from memory. All calls are made from the daemon's event-l
 States: ``queued`` → ``inflight`` → ``published`` (output durable, input not yet moved) →
 ``done``; or ``quarantined``. A job found ``inflight`` at start was interrupted by a crash
 and goes back to ``queued``; a ``published`` one finishes its input move.
+
+``seq`` is the admission order: it is set on insert and bumped again whenever a finished
+job is admitted anew (the same content dropped again at the same path), always above every
+other job's. ``id`` is the row's identity only: a re-admitted job keeps its old, low id, so
+"which drop at this path is the latest" is a question for ``seq``, never for ``id``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     output_rel TEXT,
     error TEXT,
-    history TEXT NOT NULL DEFAULT '[]'
+    history TEXT NOT NULL DEFAULT '[]',
+    seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_path_sha ON jobs (rel_path, sha256);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
@@ -121,8 +127,39 @@ def _rows_at(
         yield from conn.execute(f"SELECT {columns} FROM jobs WHERE {where} AND rel_path IN ({marks})", chunk)
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an older version up to date (idempotent; run at every
+    writable open, after ``SCHEMA``).
+
+    ``jobs.seq`` (admission order) did not exist before: it is added and numbered by
+    ``first_seen`` — a re-admission set ``first_seen`` anew, so at any one path this is the
+    order of the drops — then ``id``."""
+    if "seq" not in _columns(conn, "jobs"):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if "seq" not in _columns(conn, "jobs"):  # not done meanwhile by another process
+                conn.execute("ALTER TABLE jobs ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+                ids = [row[0] for row in conn.execute("SELECT id FROM jobs ORDER BY first_seen, id")]
+                conn.executemany("UPDATE jobs SET seq=? WHERE id=?", [(n, i) for n, i in enumerate(ids, 1)])
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq)")
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _next_seq(db: sqlite3.Connection) -> int:
+    """An admission number above every job's (call inside the writing transaction)."""
+    row = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
+    return int(row[0])
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the database (creating it unless read-only) in WAL mode."""
+    """Open the database (creating or migrating it unless read-only) in WAL mode."""
     if readonly:
         conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10)
     else:
@@ -133,6 +170,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(SCHEMA)
+        _migrate(conn)
     return conn
 
 
@@ -180,7 +218,7 @@ class JobQueue:
         quarantined file that is back in the inbox was put back to be tried again."""
         row = self._conn.execute(
             "SELECT state FROM jobs WHERE rel_path=? AND size=? AND mtime_ns=? AND inode=? "
-            "AND state != 'quarantined' ORDER BY id DESC LIMIT 1",
+            "AND state != 'quarantined' ORDER BY seq DESC, id DESC LIMIT 1",
             (rel_path, size, mtime_ns, inode),
         ).fetchone()
         return None if row is None else str(row["state"])
@@ -190,16 +228,16 @@ class JobQueue:
     ) -> dict[tuple[str, int, int, int], str | None]:
         """:meth:`known_signature` for many ``(rel_path, size, mtime_ns, inode)`` at once:
         one query per ``SIGNATURE_CHUNK`` paths instead of one per file."""
-        found: dict[tuple[str, int, int, int], tuple[int, str]] = {}
-        columns = "id, rel_path, size, mtime_ns, inode, state"
+        found: dict[tuple[str, int, int, int], tuple[tuple[int, int], str]] = {}
+        columns = "seq, id, rel_path, size, mtime_ns, inode, state"
         paths = [f[0] for f in files]
-        for job_id, rel_path, size, mtime_ns, inode, state in _rows_at(
+        for seq, job_id, rel_path, size, mtime_ns, inode, state in _rows_at(
             self._conn, columns, paths, where="state != 'quarantined'"
         ):
             key = (rel_path, size, mtime_ns, inode)
             best = found.get(key)
-            if best is None or job_id > best[0]:
-                found[key] = (job_id, str(state))
+            if best is None or (seq, job_id) > best[0]:
+                found[key] = ((seq, job_id), str(state))
         return {f: (found[f][1] if f in found else None) for f in files}
 
     def enqueue_many(self, jobs: Iterable[NewJob], *, requeue_done: bool) -> list[tuple[NewJob, str]]:
@@ -208,11 +246,13 @@ class JobQueue:
         of the existing job (``queued``/``inflight``… — a duplicate, nothing added).
 
         One transaction for all of them (one commit, one fsync); the jobs already known
-        for their paths are looked up together first."""
+        for their paths are looked up together first. Each new or re-admitted job gets the
+        next admission number (``seq``), in the order given."""
         now = self._clock()
         todo = list(jobs)
         results: list[tuple[NewJob, str]] = []
         with self._tx() as db:
+            seq = _next_seq(db)
             existing = self._jobs_at(db, [job.rel_path for job in todo])
             for job in todo:
                 key = (job.rel_path, job.sha256)
@@ -220,7 +260,7 @@ class JobQueue:
                 if row is None:
                     cur = db.execute(
                         "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, inode, device, "
-                        "format, state, first_seen, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        "format, state, first_seen, updated_at, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                         (
                             job.rel_path,
                             job.sha256,
@@ -232,8 +272,10 @@ class JobQueue:
                             "queued",
                             job.first_seen,
                             now,
+                            seq,
                         ),
                     )
+                    seq += 1
                     existing[key] = (int(cur.lastrowid or 0), "queued")
                     results.append((job, "queued"))
                     continue
@@ -245,11 +287,14 @@ class JobQueue:
                     (job.size, job.mtime_ns, job.inode, job.device, job_id),
                 )
                 if state in ("done", "quarantined") and requeue_done:
+                    # Admitted anew: it is now the latest drop at its path (newer than any
+                    # job another content got there meanwhile), so it takes a fresh seq.
                     db.execute(
                         "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=0, "
-                        "first_seen=?, updated_at=?, error=NULL, history='[]' WHERE id=?",
-                        (job.first_seen, now, job_id),
+                        "first_seen=?, updated_at=?, error=NULL, history='[]', seq=? WHERE id=?",
+                        (job.first_seen, now, seq, job_id),
                     )
+                    seq += 1
                     existing[key] = (job_id, "queued")
                     results.append((job, "requeued"))
                 else:
@@ -286,10 +331,13 @@ class JobQueue:
         return None if row is None else _job(row)
 
     def superseded(self, job: Job) -> bool:
-        """Is there a newer job for the same path (new content dropped meanwhile)?"""
+        """Is there a newer job for the same path (other content dropped there after this
+        job was admitted)? Newer means admitted later (``seq``), not a higher ``id``: a job
+        re-admitted for content dropped again keeps its old id."""
         row = self._conn.execute(
-            "SELECT 1 FROM jobs WHERE rel_path=? AND id > ? AND state != 'quarantined' LIMIT 1",
-            (job.rel_path, job.id),
+            "SELECT 1 FROM jobs AS me JOIN jobs AS other ON other.rel_path = me.rel_path "
+            "WHERE me.id=? AND other.seq > me.seq AND other.state != 'quarantined' LIMIT 1",
+            (job.id,),
         ).fetchone()
         return row is not None
 
@@ -379,9 +427,9 @@ class JobQueue:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, inode, device, format, "
-                "state, first_seen, updated_at, error) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "state, first_seen, updated_at, error, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (rel_path, sha256) DO UPDATE SET state=excluded.state, "
-                "updated_at=excluded.updated_at, error=excluded.error",
+                "updated_at=excluded.updated_at, error=excluded.error, seq=excluded.seq",
                 (
                     job.rel_path,
                     job.sha256,
@@ -394,6 +442,7 @@ class JobQueue:
                     job.first_seen,
                     now,
                     json.dumps(error),
+                    _next_seq(db),
                 ),
             )
 

@@ -3,20 +3,29 @@
 Signals only set flags: SIGTERM/SIGINT ask to stop, SIGHUP asks to reload; the main loop
 acts on them. Start-up opens the queue, finishes what a crash interrupted, starts the
 watch, queues the start-up scan, and only then tells systemd READY=1.
+
+Blocking file-system work runs on daemon threads (:class:`DaemonThreadExecutor`, also the
+event loop's default executor): on a hung network mount a stat() never returns, and a stop
+must not wait for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
+import itertools
+import logging
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 import structlog
@@ -26,7 +35,7 @@ from dropcut.admit import Admission
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
 from dropcut.dispatch import Dispatcher
-from dropcut.logs import Redactor
+from dropcut.logs import LEVELS, Redactor
 from dropcut.pace import Pacer
 from dropcut.paths import Layout
 from dropcut.publish import Publisher
@@ -40,6 +49,11 @@ HEALTH_SECONDS = 2.0
 STATUS_SECONDS = 2.0
 INSPECTORS = 2
 SHA_NAME = re.compile(r"^[0-9a-f]{64}$")
+WATCH_STOP_SECONDS = 2.0  # at shutdown, how long to wait for the watch threads to end
+THREADS_STOP_SECONDS = 1.0  # at exit, how long to wait for file-system calls still running
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class AlreadyRunning(Exception):
@@ -57,12 +71,70 @@ def layout_of(settings: Settings) -> Layout:
 
 
 def rate_margin(settings: Settings) -> float:
-    """Safety margin added to the rate-limit window: how much later than our "upload
-    finished" the server may have counted a request. Default 1/240 of the period
-    (0.25 s of 60 s): costs 0.4 % of the allowance."""
-    if settings.rate_limit_margin_seconds is not None:
-        return settings.rate_limit_margin_seconds
-    return settings.rate_limit_period_seconds / 240
+    """See :meth:`Settings.rate_margin`."""
+    return settings.rate_margin()
+
+
+def set_log_level(level: str) -> None:
+    """Change the level :func:`dropcut.logs.configure` set, keeping the rest of the set-up
+    (the output stream, the format, the redactor)."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]))
+    logging.getLogger().setLevel(max(LEVELS[level], logging.INFO))
+
+
+class DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs each call on a new daemon thread; :meth:`shutdown` waits for calls still
+    running at most ``shutdown_wait`` seconds, then leaves them behind.
+
+    On a hung network mount (NFS, SMB) a stat() or scandir() of the inbox never returns.
+    Run on asyncio's default executor, such a call would make ``asyncio.run`` wait for it
+    forever at exit (``shutdown_default_executor``), and the interpreter's exit joins the
+    executor's threads anyway: SIGTERM would never end the process. A daemon thread does
+    not hold up the exit. It is a ``ThreadPoolExecutor`` only because asyncio's
+    ``set_default_executor`` wants one; none of its pool is used.
+    """
+
+    def __init__(self, shutdown_wait: float = THREADS_STOP_SECONDS) -> None:
+        super().__init__(max_workers=1)
+        self._shutdown_wait = shutdown_wait
+        self._guard = threading.Lock()
+        self._running: set[threading.Thread] = set()
+        self._closed = False
+        self._names = itertools.count(1)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+
+        def work() -> None:
+            try:
+                if not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # handed to the caller, like ThreadPoolExecutor
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            finally:
+                with self._guard:
+                    self._running.discard(threading.current_thread())
+
+        with self._guard:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            thread = threading.Thread(target=work, name=f"dropcut-io-{next(self._names)}", daemon=True)
+            self._running.add(thread)
+        thread.start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._guard:
+            self._closed = True
+            running = list(self._running)
+        if wait:
+            deadline = time.monotonic() + self._shutdown_wait
+            for thread in running:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class Daemon:
@@ -100,12 +172,24 @@ class Daemon:
         self._lock_fd: int | None = None
         self._exit_code = 0
         self._probing: asyncio.Future[str | None] | None = None
+        self._threads = DaemonThreadExecutor()
+        self._rescan_wake = asyncio.Event()  # the rescan interval may have changed
+        self._rewatch = False  # rebuild the watch (a reload changed the poll interval)
         self.started = False
 
     # --- entry points ----------------------------------------------------------------
 
     def run(self) -> int:
-        return asyncio.run(self.serve())
+        # asyncio.run(), except that the loop's default executor (asyncio.to_thread, in
+        # every stage) is the daemon-thread one: a call hung on the inbox cannot hold up
+        # the exit.
+        with asyncio.Runner() as runner:
+            runner.get_loop().set_default_executor(self._threads)
+            return runner.run(self.serve())
+
+    def _in_thread(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` (file-system work on the inbox, which may hang) on a daemon thread."""
+        return asyncio.get_running_loop().run_in_executor(self._threads, fn)
 
     def request_stop(self) -> None:
         self._stop_requested = True
@@ -172,10 +256,9 @@ class Daemon:
             cache=self.cache,
             clock=self._clock,
         )
-        for job in published:
-            self.dispatcher.finish_published(job)
-        for job in self.queue.quarantining_jobs():
-            self.dispatcher.finish_quarantine(job, self.queue.job_error(job.id) or {})
+        # Input moves and quarantines a crash interrupted; one that fails (EPERM, a full
+        # disk) is reported and waits for a later rescan, it never stops the start.
+        self.dispatcher.finish_pending()
         self._watch_mode, reason, fstype = detect_mode(s.watch_mode, s.inbox, self._mountinfo)
         self.admission = Admission(
             s,
@@ -274,7 +357,7 @@ class Daemon:
             self._spawn(self._scan_dir(rel))
 
     async def _scan_dir(self, rel: str) -> None:
-        for path in await asyncio.to_thread(self._list, rel):
+        for path in await self._in_thread(lambda: self._list(rel)):
             self.admission.notice(path)
 
     def _list(self, rel_dir: str = "") -> list[str]:
@@ -310,21 +393,33 @@ class Daemon:
             else:
                 raise
         self._watcher = watcher
+        self._rewatch = False
         self._log.info("watch_started", mode=self._watch_mode)
 
     async def _rescan(self) -> int:
         self.admission.forget_reports()
-        paths = await asyncio.to_thread(self._list)
+        paths = await self._in_thread(self._list)
         for rel in paths:
             self.admission.notice(rel)
         return len(paths)
 
     async def _rescan_loop(self) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.rescan_interval_seconds)
+            wait = last + self.settings.rescan_interval_seconds - time.monotonic()
+            if wait > 0:
+                # a reload wakes this up: a shorter interval counts from the last rescan
+                self._rescan_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._rescan_wake.wait(), wait)
+                continue
+            last = time.monotonic()
             if self._degraded is None:
                 found = await self._rescan()
                 self._log.debug("rescan_done", found=found)
+                # The inbox just answered a full scan: try again the input moves that
+                # failed (EACCES, EPERM, EBUSY on a share).
+                self.dispatcher.finish_pending()
 
     async def _health_loop(self) -> None:
         """Notice a dead observer or a vanished inbox; rebuild the watch when it is back."""
@@ -336,18 +431,20 @@ class Daemon:
                 self._log.exception("watch_check_failed")
 
     async def _check_watch(self) -> None:
+        """Also rebuilds a healthy watch when a reload asked for it (``_rewatch``): only
+        this task replaces the watcher once the daemon runs."""
         watcher = self._watcher
         if watcher is None:
             problem: str | None = "not watching"
         else:
             problem = await self._probe(watcher.problem)
-        if problem is None:
+        if problem is None and not self._rewatch:
             return
-        if self._degraded != problem:
+        if problem is not None and self._degraded != problem:
             self._log.warning("watch_degraded", reason=problem, action="waiting for the inbox")
             self._degraded = problem
         if watcher is not None:
-            await asyncio.to_thread(watcher.stop)
+            await self._in_thread(watcher.stop)
             self._watcher = None
         if await self._probe(lambda: inbox_problem(self.settings.inbox)) is not None:
             return
@@ -357,15 +454,24 @@ class Daemon:
             self._log.warning("watch_degraded", reason=watch_error_reason(exc))
             return
         found = await self._rescan()
-        self._log.info("watch_restored", mode=self._watch_mode, found=found)
+        if self._degraded is None:
+            self._log.info(
+                "watch_restarted",
+                mode=self._watch_mode,
+                poll_interval_s=self.settings.poll_interval_seconds,
+                found=found,
+            )
+        else:
+            self._log.info("watch_restored", mode=self._watch_mode, found=found)
         self._degraded = None
         self.dispatcher.finish_pending()
 
     async def _probe(self, check: Callable[[], str | None]) -> str | None:
-        """Run a file-system check in a thread: on a hung network mount stat() blocks, and
-        that must stall neither the event loop nor (by piling up) the worker threads."""
+        """Run a file-system check in a daemon thread: on a hung network mount stat()
+        blocks, and that must stall neither the event loop, nor (by piling up) the threads,
+        nor the exit. One probe at a time: a hung one is waited on again, not repeated."""
         if self._probing is None or self._probing.done():
-            self._probing = asyncio.ensure_future(asyncio.to_thread(check))
+            self._probing = self._in_thread(check)
         done, _ = await asyncio.wait({self._probing}, timeout=HEALTH_SECONDS * 5)
         if not done:
             return "inbox not responding (hung network mount?)"
@@ -412,13 +518,23 @@ class Daemon:
         elif key is None:
             self._log.error("reload_refused", keys=["api_key"], reason="no API key in the new configuration")
         else:
-            self.settings = new
+            # Every key not in RESTART_KEYS must be put in force here (or be read from
+            # ``settings`` at each use by the daemon, dispatcher or admission).
+            old, self.settings = self.settings, new
             self._redactor.set_secrets(key.get_secret_value())
             self.client.set_api_key(key)
             self.publisher.on_success = new.on_success
+            self.cache.max_bytes = new.result_cache_bytes
+            with contextlib.suppress(OSError):  # the next store evicts again
+                self.cache.evict()
             self.dispatcher.apply(new)
             self.admission.apply(new, min_observations=self._min_observations())
+            self._rescan_wake.set()
+            if self._watch_mode == "poll" and new.poll_interval_seconds != old.poll_interval_seconds:
+                self._rewatch = True  # the health check rebuilds the watch with it
             self._log.info("config_reloaded", changed=changed)
+            if new.log_level != old.log_level:
+                set_log_level(new.log_level)  # after the line above, which the admin wants
         self._notifier.ready()
 
     def status_line(self) -> str:
@@ -448,8 +564,11 @@ class Daemon:
             if task not in dispatching:
                 task.cancel()
         if self._watcher is not None:
-            await asyncio.to_thread(self._watcher.stop)
-            self._watcher = None
+            watcher, self._watcher = self._watcher, None
+            # A poll emitter stuck in scandir() of a hung mount never ends: do not wait.
+            done, _ = await asyncio.wait({self._in_thread(watcher.stop)}, timeout=WATCH_STOP_SECONDS)
+            if not done:
+                self._log.warning("watch_stop_abandoned", reason="the watch thread does not answer")
         if hasattr(self, "admission"):
             self.admission.close()
         cancelled = 0

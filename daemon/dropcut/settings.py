@@ -35,8 +35,27 @@ CREDENTIAL_NAME = "dropcut-api-key"
 Positive = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
-# Keys whose change needs a restart (a reload that changes them is refused).
-RESTART_KEYS = ("inbox", "outbox", "quarantine", "archive", "state_dir", "watch_mode")
+# Keys whose change needs a restart (a reload that changes them is refused). Every other
+# key is put in force by a reload (``Daemon._reload``): tests/test_service.py checks that
+# each field of :class:`Settings` is one or the other.
+RESTART_KEYS = (
+    "inbox",
+    "outbox",
+    "quarantine",
+    "archive",
+    "state_dir",
+    "watch_mode",
+    # the HTTP client is built once: its base URL, timeouts and connection pool (a larger
+    # max_in_flight than the pool would leave requests waiting for a connection, holding
+    # a rate-limit slot, until they time out)
+    "api_url",
+    "request_timeout_seconds",
+    "max_in_flight",
+    # the pacer keeps its margin
+    "rate_limit_margin_seconds",
+    # the log renderer is chosen once
+    "log_format",
+)
 
 
 class ConfigError(Exception):
@@ -162,9 +181,22 @@ class Settings(BaseSettings):
             data["api_key"] = "**********"
         return data
 
+    def rate_margin(self) -> float:
+        """Safety margin added to the rate-limit window: how much later than our "upload
+        finished" the server may have counted a request. Default 1/240 of the period
+        (0.25 s of 60 s): costs 0.4 % of the allowance."""
+        if self.rate_limit_margin_seconds is not None:
+            return self.rate_limit_margin_seconds
+        return self.rate_limit_period_seconds / 240
+
     def restart_changes(self, other: Settings) -> list[str]:
         """Keys that differ between two configurations and need a restart."""
-        return [key for key in RESTART_KEYS if getattr(self, key) != getattr(other, key)]
+        keys = [key for key in RESTART_KEYS if getattr(self, key) != getattr(other, key)]
+        if self.rate_margin() != other.rate_margin() and "rate_limit_margin_seconds" not in keys:
+            # The default margin follows the period, and the pacer keeps its margin: with
+            # rate_limit_margin_seconds unset, a new period needs a restart.
+            keys.append("rate_limit_period_seconds")
+        return keys
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
