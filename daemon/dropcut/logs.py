@@ -93,6 +93,13 @@ def _show_warning(
         pass
 
 
+def set_log_level(level: str) -> None:
+    """Change the level :func:`configure` set, keeping the rest of the set-up
+    (the output stream, the format, the redactor)."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]))
+    logging.getLogger().setLevel(max(LEVELS[level], logging.INFO))
+
+
 def _add_logger_name(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
     event_dict.setdefault("logger", "dropcut")
     return event_dict

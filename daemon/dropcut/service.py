@@ -16,7 +16,6 @@ import concurrent.futures
 import contextlib
 import fcntl
 import itertools
-import logging
 import os
 import re
 import signal
@@ -35,7 +34,7 @@ from dropcut.admit import Admission
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
 from dropcut.dispatch import Dispatcher
-from dropcut.logs import LEVELS, Redactor
+from dropcut.logs import Redactor, set_log_level
 from dropcut.pace import Pacer
 from dropcut.paths import Layout
 from dropcut.publish import Publisher
@@ -73,13 +72,6 @@ def layout_of(settings: Settings) -> Layout:
 def rate_margin(settings: Settings) -> float:
     """See :meth:`Settings.rate_margin`."""
     return settings.rate_margin()
-
-
-def set_log_level(level: str) -> None:
-    """Change the level :func:`dropcut.logs.configure` set, keeping the rest of the set-up
-    (the output stream, the format, the redactor)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]))
-    logging.getLogger().setLevel(max(LEVELS[level], logging.INFO))
 
 
 class DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
