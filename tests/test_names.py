@@ -331,12 +331,12 @@ def test_inputs_mapping_to_the_same_output_never_overwrite_each_other(
         for name, data in inputs.items():
             drop(folders.inbox, name, data)
         wait_for(lambda: len(run.logs.events("input_disposed")) == len(inputs))
-        order = [e["file"] for e in run.logs.events("output_written")]
+        order = [e["file"] for e in run.logs.events("job_queued")]
         outputs = outputs_by_input(run)
     assert outputs["sub/a.jpg"] == "sub/a.png"
     root = [n for n in order if "/" not in n]
     plain = {"a.jpg": "a.png", "a.png": "a.png", "A.jpeg": "A.png"}
-    assert outputs[root[0]] == plain[root[0]], "the first published keeps the plain name"
+    assert outputs[root[0]] == plain[root[0]], "the first queued keeps the plain name"
     expected_second = {"a.jpg": "a~jpg.png", "a.png": "a~png.png", "A.jpeg": "A~jpeg.png"}
     for name in root[1:]:
         assert outputs[name] == expected_second[name]
@@ -344,6 +344,27 @@ def test_inputs_mapping_to_the_same_output_never_overwrite_each_other(
         assert png_size(folders.outbox / out) == sizes[name], f"{out} is not the result of {name}"
     assert len(folders.files(folders.outbox)) == 4
     assert len(api.records()) == 4
+
+
+def test_the_first_queued_keeps_the_plain_name_whichever_answer_comes_first(
+    folders: Folders, api: FakeWithoutBG
+) -> None:
+    """The collision rule follows the order files are queued in, not the order answers
+    come back: a.jpg, queued first but answered last (its first attempt gets a 503), still
+    gets a.png."""
+    api.fail_next(1, 503, retry_after="2")  # a.png is queued well within those 2 s
+    settings = folders.settings(api.url, max_in_flight=1, debounce_seconds=0.1)
+    with InProcessDaemon(settings) as run:
+        drop(folders.inbox, "a.jpg", image_bytes("JPEG", (80, 60), seed=510))
+        wait_for(lambda: run.logs.events("retry_scheduled"))
+        drop(folders.inbox, "a.png", image_bytes("PNG", (50, 40), seed=511))
+        wait_for(lambda: len(run.logs.events("input_disposed")) == 2)
+        written = [e["file"] for e in run.logs.events("output_written")]
+        outputs = outputs_by_input(run)
+    assert written == ["a.png", "a.jpg"], "a.png was answered first"
+    assert outputs == {"a.jpg": "a.png", "a.png": "a~png.png"}
+    assert png_size(folders.outbox / "a.png") == (80, 60)
+    assert png_size(folders.outbox / "a~png.png") == (50, 40)
 
 
 def test_the_same_path_dropped_again_with_new_content_replaces_its_output(

@@ -24,6 +24,7 @@ import structlog
 
 from dropcut import inspect as insp
 from dropcut.capture import Note
+from dropcut.paths import output_candidates, output_key
 from dropcut.publish import Publisher
 from dropcut.queue import JobQueue, NewJob
 from dropcut.settings import Settings
@@ -366,7 +367,9 @@ class Admission:
         if not jobs:
             return
         try:
-            queued = self._queue.enqueue_many(jobs, requeue_done=self.settings.on_success != "keep")
+            queued = self._queue.enqueue_many(
+                jobs, requeue_done=self.settings.on_success != "keep", outputs=(output_candidates, output_key)
+            )
         except Exception:
             for job in jobs:
                 self._log.exception("inspect_failed", file=job.rel_path)

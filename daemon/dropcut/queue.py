@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,11 @@ class Job:
     first_seen: float
     output_rel: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# How outputs are named: the candidate names for an input, and the key two names collide
+# on (both from dropcut.paths; passed in, so the queue knows no naming rules).
+OutputRule = tuple[Callable[[str], Iterable[str]], Callable[[str], str]]
 
 
 @dataclass(frozen=True)
@@ -240,10 +245,16 @@ class JobQueue:
                 found[key] = ((seq, job_id), str(state))
         return {f: (found[f][1] if f in found else None) for f in files}
 
-    def enqueue_many(self, jobs: Iterable[NewJob], *, requeue_done: bool) -> list[tuple[NewJob, str]]:
+    def enqueue_many(
+        self, jobs: Iterable[NewJob], *, requeue_done: bool, outputs: OutputRule | None = None
+    ) -> list[tuple[NewJob, str]]:
         """Add admitted files; returns each with what happened: ``queued``, ``requeued``
         (the same content at the same path was done before and comes again), or the state
         of the existing job (``queued``/``inflight``… — a duplicate, nothing added).
+
+        With ``outputs`` (candidates, key) a new path also claims its output name here, in
+        admission order, so that which of ``a.jpg`` and ``a.png`` gets ``a.png`` does not
+        depend on which answer comes back first (see :meth:`claim_output`).
 
         One transaction for all of them (one commit, one fsync); the jobs already known
         for their paths are looked up together first. Each new or re-admitted job gets the
@@ -278,6 +289,8 @@ class JobQueue:
                     seq += 1
                     existing[key] = (int(cur.lastrowid or 0), "queued")
                     results.append((job, "queued"))
+                    if outputs is not None:
+                        self._claim_in(db, job.rel_path, *outputs)
                     continue
                 job_id, state = row
                 # Same content at the same path: remember the new signature so rescans
@@ -466,17 +479,25 @@ class JobQueue:
         """The output name for ``rel_path``: the one it owns already, else the first
         candidate nobody owns (compared by ``key``, i.e. ignoring case)."""
         with self._tx() as db:
-            row = db.execute("SELECT out_rel FROM outputs WHERE rel_path=? LIMIT 1", (rel_path,)).fetchone()
-            if row is not None:
-                return str(row["out_rel"])
-            for out_rel in candidates:
-                taken = db.execute("SELECT 1 FROM outputs WHERE out_key=?", (key(out_rel),)).fetchone()
-                if taken is None:
-                    db.execute(
-                        "INSERT INTO outputs (out_key, out_rel, rel_path) VALUES (?,?,?)",
-                        (key(out_rel), out_rel, rel_path),
-                    )
-                    return out_rel
+            return self._claim_in(db, rel_path, candidates, key)
+
+    @staticmethod
+    def _claim_in(
+        db: sqlite3.Connection,
+        rel_path: str,
+        candidates: Callable[[str], Iterable[str]] | Iterable[str],
+        key: Any,
+    ) -> str:
+        row = db.execute("SELECT out_rel FROM outputs WHERE rel_path=? LIMIT 1", (rel_path,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        for out_rel in candidates(rel_path) if callable(candidates) else candidates:
+            if db.execute("SELECT 1 FROM outputs WHERE out_key=?", (key(out_rel),)).fetchone() is None:
+                db.execute(
+                    "INSERT INTO outputs (out_key, out_rel, rel_path) VALUES (?,?,?)",
+                    (key(out_rel), out_rel, rel_path),
+                )
+                return out_rel
         raise AssertionError("candidates is endless")
 
     # --- pacing history, pause state ---------------------------------------------------
