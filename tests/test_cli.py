@@ -659,3 +659,27 @@ def test_a_quarantined_file_moved_back_by_hand_is_tried_again(
         # same inode, size and mtime as the quarantined job: still tried again
         os.rename(folders.quarantine / "a.jpg", folders.inbox / "a.jpg")
         wait_for(lambda: (folders.outbox / "a.png").exists(), timeout=2)
+
+
+def test_a_retry_whose_move_fails_leaves_the_file_quarantined_and_retryable(
+    folders: Folders, api: FakeWithoutBG, monkeypatch: pytest.MonkeyPatch, cli: CliRun
+) -> None:
+    set_env(monkeypatch, folders, api.url)
+    with InProcessDaemon(daemon_settings(folders, api)):
+        drop(folders.inbox, "bad.jpg", b"not an image\n" * 10)
+        wait_for(lambda: (folders.quarantine / "bad.jpg.error.json").exists())
+    locked = subprocess.run(["chattr", "+i", str(folders.quarantine)], capture_output=True, text=True)
+    if locked.returncode != 0:
+        pytest.skip(f"cannot set the immutable flag here: {locked.stderr.strip()}")
+    try:
+        code, out, err = cli("retry", "--all")  # EPERM: the file cannot leave the quarantine
+        assert code == 1 and "bad.jpg" in err and "cannot move back" in err, err
+        code, out, _ = cli("status", "--json")
+        assert json.loads(out)["jobs"]["quarantined"] == 1, "the job was not forgotten"
+    finally:
+        subprocess.run(["chattr", "-i", str(folders.quarantine)], check=False)
+    code, out, err = cli("retry", "--all")
+    assert code == 0, err
+    assert (folders.inbox / "bad.jpg").exists()
+    code, out, _ = cli("status", "--json")
+    assert json.loads(out)["jobs"].get("quarantined", 0) == 0

@@ -213,10 +213,12 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
             q_rel = _q_rel(queue, job.id) or job.rel_path
             # Forget the job first: a running daemon that sees the file come back must
             # not take it for the quarantined job it was.
-            queue.forget(job.id)
+            row = queue.forget(job.id)
             try:
                 back = move_in(settings.quarantine, q_rel, settings.inbox, numbered_candidates(job.rel_path))
             except OSError as exc:
+                if row is not None:
+                    queue.restore(row)  # still quarantined: a later retry can find it
                 print(f"dropcut: {q_rel}: cannot move back: {exc.strerror}", file=sys.stderr)
                 failed += 1
                 continue

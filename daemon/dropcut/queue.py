@@ -556,9 +556,22 @@ class JobQueue:
         value = json.loads(row["error"])
         return value if isinstance(value, dict) else None
 
-    def forget(self, job_id: int) -> None:
+    def forget(self, job_id: int) -> dict[str, Any] | None:
+        """Delete a job; returns its row, which :meth:`restore` can put back."""
         with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+        return None if row is None else dict(row)
+
+    def restore(self, row: dict[str, Any]) -> None:
+        """Put back a row :meth:`forget` returned (an action that followed it failed)."""
+        columns = list(row)  # (the table's own column names, from SELECT *)
+        marks = ", ".join("?" for _ in columns)
+        with self._tx() as db:
+            db.execute(
+                f"INSERT OR IGNORE INTO jobs ({', '.join(columns)}) VALUES ({marks})",
+                [row[c] for c in columns],
+            )
 
     def integrity_ok(self) -> bool:
         row = self._conn.execute("PRAGMA integrity_check").fetchone()
