@@ -100,3 +100,26 @@ def test_an_input_that_may_not_be_moved_waits_survives_a_restart_and_is_moved_la
         assert [e["file"] for e in run.logs.events("input_disposed")] == ["sub/a.jpg"]
     assert (folders.archive / "sub" / "a.jpg").read_bytes() == data
     assert [r.status for r in api.records()] == [200]
+
+
+def test_a_refusal_that_cannot_be_quarantined_is_not_sent_again(
+    folders: Folders, api: FakeWithoutBG, immutable: list[Path]
+) -> None:
+    """The API refuses the file (422), but the quarantine folder cannot be written (EPERM):
+    the refusal is kept and the move waits for a later rescan. The file is never sent
+    again, whatever the rescans find."""
+    folders.quarantine.mkdir(exist_ok=True)
+    api.fail_next(1, 422)
+    settings = folders.settings(api.url, rescan_interval_seconds=0.5, log_level="debug")
+    with InProcessDaemon(settings) as run:
+        make_immutable(immutable, folders.quarantine)
+        drop(folders.inbox, "a.jpg", image_bytes(seed=5))
+        wait_for(lambda: run.logs.events("quarantine_failed"))
+        wait_for(lambda: len(run.logs.events("rescan_done")) >= 3)
+        assert [r.status for r in api.records()] == [422], "a refused file is not sent again"
+        assert (folders.inbox / "a.jpg").exists()
+        chattr("-i", folders.quarantine)
+        wait_for(lambda: (folders.quarantine / "a.jpg.error.json").exists())
+        wait_for(lambda: (folders.quarantine / "a.jpg").exists())
+    assert not (folders.inbox / "a.jpg").exists()
+    assert [r.status for r in api.records()] == [422]

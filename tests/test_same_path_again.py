@@ -162,3 +162,43 @@ def test_a_database_from_before_seq_is_migrated(tmp_path: Path) -> None:
     second = queue.claim()
     assert second is not None and second.rel_path == "q.jpg"
     assert queue._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_content_dropped_again_while_its_job_is_still_pending_is_the_newest(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path / "q.sqlite3")
+    assert admit(queue, "p.jpg", A, 1.0, inode=1) == "queued"
+    assert admit(queue, "p.jpg", B, 2.0, inode=2) == "queued"
+    assert admit(queue, "p.jpg", A, 3.0, inode=3) == "queued"  # A's job still pending: same row
+    jobs = {j.sha256: j for j in (queue.claim(), queue.claim()) if j is not None}
+    assert not queue.superseded(jobs[A]), "A was dropped last: its result belongs in the outbox"
+    assert queue.superseded(jobs[B])
+    assert admit(queue, "p.jpg", A, 3.0, inode=3) == "inflight"  # a rescan of the same file:
+    assert not queue.superseded(jobs[A])  # nothing changes
+
+
+def test_a_restored_job_comes_back_even_when_its_id_was_reused(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path / "q.sqlite3")
+    admit(queue, "a.jpg", A, 1.0)
+    job = queue.claim()
+    assert job is not None
+    queue.mark_quarantined(job.id, {"status": 422})
+    row = queue.forget(job.id)
+    assert row is not None
+    admit(queue, "new.jpg", B, 2.0)  # meanwhile: SQLite hands the freed id to a new job
+    queue.restore(row)
+    assert [j.rel_path for j in queue.quarantined_jobs()] == ["a.jpg"]
+    assert queue.job_error(queue.quarantined_jobs()[0].id) == {"status": 422}
+
+
+def test_output_names_are_claimed_in_queue_order_also_for_requeued_paths(tmp_path: Path) -> None:
+    from dropcut.paths import output_candidates, output_key
+
+    rule = (output_candidates, output_key)
+    queue = open_queue(tmp_path / "q.sqlite3")
+    queue.add_quarantined(new("a.jpg", A, 1.0), {"status": 413})  # refused locally: no claim
+    done = queue.enqueue_many(
+        [new("a.jpg", A, 2.0, inode=2), new("a.png", B, 2.0)], requeue_done=True, outputs=rule
+    )
+    assert [what for _, what in done] == ["requeued", "queued"]
+    assert queue.claim_output("a.jpg", output_candidates("a.jpg"), output_key) == "a.png"
+    assert queue.claim_output("a.png", output_candidates("a.png"), output_key) == "a~png.png"

@@ -197,7 +197,6 @@ RELOAD_START: dict[str, object] = {
     "watch_mode": "poll",
     "poll_interval_seconds": 60.0,  # no poll during the test unless the reload applies 0.2
     "rescan_interval_seconds": 300.0,
-    "rate_limit_margin_seconds": 0.01,  # set: the period may then change by a reload
     "log_level": "info",
 }
 RELOADED: dict[str, object] = {
@@ -205,6 +204,7 @@ RELOADED: dict[str, object] = {
     "api_key_file": "<written by the test>",
     "rate_limit_requests": 9,
     "rate_limit_period_seconds": 2.0,
+    "rate_limit_margin_seconds": 0.02,
     "credit_check_interval_seconds": 0.7,
     "credit_warn_below": 10**6,
     "max_attempts": 9,
@@ -236,6 +236,7 @@ def in_force(d: Daemon) -> dict[str, object]:
         "resolved_key": key.get_secret_value() if key else None,
         "rate_limit_requests": d.pacer.limit,
         "rate_limit_period_seconds": d.pacer.period,
+        "rate_limit_margin_seconds": d.pacer.margin,
         "credit_check_interval_seconds": d.dispatcher.settings.credit_check_interval_seconds,
         "credit_warn_below": d.dispatcher.settings.credit_warn_below,
         "max_attempts": policy.max_attempts,
@@ -301,6 +302,18 @@ def test_reload_puts_every_other_key_in_force(tmp_path: Path, api: FakeWithoutBG
     assert "new-key" not in run.logs.text()
 
 
+def test_reload_of_the_period_moves_the_default_margin_with_it(tmp_path: Path, api: FakeWithoutBG) -> None:
+    folders = Folders.make(tmp_path / "f")
+    config = write_config(tmp_path / "dropcut.toml", folders, api.url, rate_limit_period_seconds=1.2)
+    with InProcessDaemon(load_settings(config), config_path=config) as run:
+        assert (run.daemon.pacer.period, run.daemon.pacer.margin) == (1.2, 1.2 / 240)
+        write_config(config, folders, api.url, rate_limit_period_seconds=2.4)
+        run.call(run.daemon.request_reload)
+        wait_for(lambda: run.logs.events("config_reloaded"))
+        assert not run.logs.events("reload_refused")
+        assert (run.daemon.pacer.period, run.daemon.pacer.margin) == (2.4, 2.4 / 240)
+
+
 def test_reload_of_the_poll_interval_rebuilds_the_poll_watch(tmp_path: Path, api: FakeWithoutBG) -> None:
     folders = Folders.make(tmp_path / "f")
     config = write_config(
@@ -320,10 +333,7 @@ RESTART_CHANGES = [
     ("api_url", "http://127.0.0.1:9", ["api_url"]),
     ("request_timeout_seconds", 3.0, ["request_timeout_seconds"]),
     ("max_in_flight", 9, ["max_in_flight"]),
-    ("rate_limit_margin_seconds", 0.5, ["rate_limit_margin_seconds"]),
     ("log_format", "console", ["log_format"]),
-    # rate_limit_margin_seconds unset: its default (period / 240) would change
-    ("rate_limit_period_seconds", 2.0, ["rate_limit_period_seconds"]),
     ("watch_mode", "poll", ["watch_mode"]),
 ]
 

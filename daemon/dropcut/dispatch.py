@@ -25,7 +25,7 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
-from dropcut.judge import Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
+from dropcut.judge import Code, Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
 from dropcut.pace import Pacer
 from dropcut.paths import Layout, output_candidates, output_key
 from dropcut.publish import Publisher, copy_to_staging, new_staging_file
@@ -101,7 +101,11 @@ class Dispatcher:
 
     def apply(self, settings: Settings) -> None:
         self.settings = settings
-        self._pacer.reconfigure(limit=settings.rate_limit_requests, period=settings.rate_limit_period_seconds)
+        self._pacer.reconfigure(
+            limit=settings.rate_limit_requests,
+            period=settings.rate_limit_period_seconds,
+            margin=settings.rate_margin(),
+        )
         self._credit_wake.set()
         self.wake()
 
@@ -257,7 +261,10 @@ class Dispatcher:
                 outcome, attempt=attempt, policy=policy, now=datetime.now(UTC), jitter=self._rng.random()
             )
             service_wide = isinstance(decision, Retry) and decision.code in SERVICE_WIDE
-            self._outage_streak = self._outage_streak + 1 if service_wide else 0
+            if service_wide:
+                self._outage_streak += 1
+            elif not (isinstance(decision, Refuse) and decision.code == Code.RETRIES_EXHAUSTED):
+                self._outage_streak = 0  # (a job giving up says nothing about the service)
             entry = {
                 "attempt": attempt,
                 "at": self._clock(),
@@ -413,13 +420,17 @@ class Dispatcher:
         entry: dict[str, Any] | None = None,
         attempts: int | None = None,
     ) -> str | None:
-        """Quarantine a job's input; the intent is committed before anything moves, so a
-        restart (``entry`` None, ``error`` as stored) finishes it without a second copy."""
+        """Quarantine a job's input. The refusal is committed before anything is written
+        (a quarantine folder that fails us leaves the job ``quarantining`` for
+        :meth:`finish_pending`, never queued to be sent again), and the chosen name before
+        the file moves, so a restart (``entry`` None, ``error`` as stored) finishes it
+        without a second copy."""
         history = [*job.history, entry] if entry is not None else job.history
+        if entry is not None:
+            self._queue.mark_quarantining(job.id, {**error, "quarantined_as": None}, entry)
 
         def intent(q_rel: str) -> None:
-            if entry is not None:
-                self._queue.mark_quarantining(job.id, {**error, "quarantined_as": q_rel}, entry)
+            self._queue.mark_quarantining(job.id, {**error, "quarantined_as": q_rel}, None)
 
         placed = self._publisher.quarantine_input(
             rel_path=job.rel_path,
@@ -435,11 +446,12 @@ class Dispatcher:
             before_move=intent,
         )
         self._queue.mark_quarantined(job.id, {**error, "quarantined_as": placed})
+        self._move_failures.pop(job.id, None)
         self._drop_spool(job.sha256)
         return placed
 
     def _drop_spool(self, sha256: str) -> None:
-        if not self._queue.sha_still_needed(sha256):
+        if sha256 and not self._queue.sha_still_needed(sha256):  # ("": refused before hashing)
             try:
                 os.unlink(self._layout.spool_file(sha256))
             except FileNotFoundError:

@@ -165,11 +165,17 @@ class Pacer:
     def period(self) -> float:
         return self._period
 
-    def reconfigure(self, *, limit: int, period: float) -> None:
+    @property
+    def margin(self) -> float:
+        return self._margin
+
+    def reconfigure(self, *, limit: int, period: float, margin: float | None = None) -> None:
         """New limits, effective for the next acquire (waiters re-check at once)."""
-        _check(limit=limit, period=period, margin=self._margin)
+        margin = self._margin if margin is None else margin
+        _check(limit=limit, period=period, margin=margin)
         self._limit = limit
         self._period = period
+        self._margin = margin
         self._wake()
 
     def snapshot(self) -> list[Slot]:

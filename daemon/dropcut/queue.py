@@ -294,11 +294,16 @@ class JobQueue:
                     continue
                 job_id, state = row
                 # Same content at the same path: remember the new signature so rescans
-                # recognise the file without reading it again.
-                db.execute(
-                    "UPDATE jobs SET size=?, mtime_ns=?, inode=?, device=? WHERE id=?",
-                    (job.size, job.mtime_ns, job.inode, job.device, job_id),
+                # recognise the file without reading it again. A new signature is a new
+                # drop: it is now the latest at its path (A, B, then A again while A is
+                # still pending: B's result must not win), so it takes a fresh seq.
+                signature = (job.size, job.mtime_ns, job.inode, job.device)
+                cur = db.execute(
+                    "UPDATE jobs SET size=?, mtime_ns=?, inode=?, device=?, seq=? WHERE id=? "
+                    "AND NOT (size=? AND mtime_ns=? AND inode=? AND device=?)",
+                    (*signature, seq, job_id, *signature),
                 )
+                seq += cur.rowcount
                 if state in ("done", "quarantined") and requeue_done:
                     # Admitted anew: it is now the latest drop at its path (newer than any
                     # job another content got there meanwhile), so it takes a fresh seq.
@@ -310,6 +315,8 @@ class JobQueue:
                     seq += 1
                     existing[key] = (job_id, "queued")
                     results.append((job, "requeued"))
+                    if outputs is not None:  # (a row refused locally never claimed one)
+                        self._claim_in(db, job.rel_path, *outputs)
                 else:
                     results.append((job, state))
         return results
@@ -409,10 +416,12 @@ class JobQueue:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state='done', updated_at=? WHERE id=?", (self._clock(), job_id))
 
-    def mark_quarantining(self, job_id: int, error: dict[str, Any], entry: dict[str, Any]) -> None:
-        """The move to quarantine is about to start (finished by :meth:`recover` after a crash)."""
+    def mark_quarantining(self, job_id: int, error: dict[str, Any], entry: dict[str, Any] | None) -> None:
+        """The move to quarantine is about to start (finished by ``finish_pending`` after a
+        crash or a failed move); ``entry`` is the attempt that led to it, recorded once."""
         with self._tx() as db:
-            self._append_history(db, job_id, entry)
+            if entry is not None:
+                self._append_history(db, job_id, entry)
             db.execute(
                 "UPDATE jobs SET state='quarantining', updated_at=?, error=? WHERE id=?",
                 (self._clock(), json.dumps(error), job_id),
@@ -565,7 +574,9 @@ class JobQueue:
 
     def restore(self, row: dict[str, Any]) -> None:
         """Put back a row :meth:`forget` returned (an action that followed it failed)."""
-        columns = list(row)  # (the table's own column names, from SELECT *)
+        # The table's own column names (from SELECT *), less the id: the running daemon
+        # may have given that id to a new job meanwhile.
+        columns = [c for c in row if c != "id"]
         marks = ", ".join("?" for _ in columns)
         with self._tx() as db:
             db.execute(

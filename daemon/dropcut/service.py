@@ -15,8 +15,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
-import itertools
 import os
+import queue
 import re
 import signal
 import threading
@@ -50,6 +50,7 @@ INSPECTORS = 2
 SHA_NAME = re.compile(r"^[0-9a-f]{64}$")
 WATCH_STOP_SECONDS = 2.0  # at shutdown, how long to wait for the watch threads to end
 THREADS_STOP_SECONDS = 1.0  # at exit, how long to wait for file-system calls still running
+IO_THREADS = 32  # file-system calls at once (as asyncio's default executor allows)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -75,8 +76,9 @@ def rate_margin(settings: Settings) -> float:
 
 
 class DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
-    """Runs each call on a new daemon thread; :meth:`shutdown` waits for calls still
-    running at most ``shutdown_wait`` seconds, then leaves them behind.
+    """Runs calls on up to ``max_threads`` daemon threads (started as needed, each then
+    taking calls from one queue); :meth:`shutdown` waits for calls still running at most
+    ``shutdown_wait`` seconds, then leaves them behind.
 
     On a hung network mount (NFS, SMB) a stat() or scandir() of the inbox never returns.
     Run on asyncio's default executor, such a call would make ``asyncio.run`` wait for it
@@ -86,47 +88,62 @@ class DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
     ``set_default_executor`` wants one; none of its pool is used.
     """
 
-    def __init__(self, shutdown_wait: float = THREADS_STOP_SECONDS) -> None:
+    def __init__(self, shutdown_wait: float = THREADS_STOP_SECONDS, max_threads: int = IO_THREADS) -> None:
         super().__init__(max_workers=1)
         self._shutdown_wait = shutdown_wait
+        self._max_threads = max_threads
         self._guard = threading.Lock()
-        self._running: set[threading.Thread] = set()
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for a call
         self._closed = False
-        self._names = itertools.count(1)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         future: Future[T] = Future()
 
-        def work() -> None:
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
             try:
-                if not future.set_running_or_notify_cancel():
-                    return
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:  # handed to the caller, like ThreadPoolExecutor
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
-            finally:
-                with self._guard:
-                    self._running.discard(threading.current_thread())
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the caller, like ThreadPoolExecutor
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
         with self._guard:
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            thread = threading.Thread(target=work, name=f"dropcut-io-{next(self._names)}", daemon=True)
-            self._running.add(thread)
-        thread.start()
+            self._calls.put(call)
+            if self._idle == 0 and len(self._workers) < self._max_threads:
+                worker = threading.Thread(
+                    target=self._work, name=f"dropcut-io-{len(self._workers) + 1}", daemon=True
+                )
+                worker.start()  # (raises if it cannot: the call waits for a running worker)
+                self._workers.append(worker)
+            else:
+                self._idle -= 1  # an idle worker takes it; count it busy now
         return future
+
+    def _work(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            call()
+            with self._guard:
+                self._idle += 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._guard:
             self._closed = True
-            running = list(self._running)
+            workers = list(self._workers)
+        for _ in workers:
+            self._calls.put(None)
         if wait:
             deadline = time.monotonic() + self._shutdown_wait
-            for thread in running:
-                thread.join(max(0.0, deadline - time.monotonic()))
+            for worker in workers:
+                worker.join(max(0.0, deadline - time.monotonic()))
 
 
 class Daemon:

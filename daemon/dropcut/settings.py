@@ -51,8 +51,6 @@ RESTART_KEYS = (
     "api_url",
     "request_timeout_seconds",
     "max_in_flight",
-    # the pacer keeps its margin
-    "rate_limit_margin_seconds",
     # the log renderer is chosen once
     "log_format",
 )
@@ -191,12 +189,7 @@ class Settings(BaseSettings):
 
     def restart_changes(self, other: Settings) -> list[str]:
         """Keys that differ between two configurations and need a restart."""
-        keys = [key for key in RESTART_KEYS if getattr(self, key) != getattr(other, key)]
-        if self.rate_margin() != other.rate_margin() and "rate_limit_margin_seconds" not in keys:
-            # The default margin follows the period, and the pacer keeps its margin: with
-            # rate_limit_margin_seconds unset, a new period needs a restart.
-            keys.append("rate_limit_period_seconds")
-        return keys
+        return [key for key in RESTART_KEYS if getattr(self, key) != getattr(other, key)]
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
