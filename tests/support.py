@@ -211,9 +211,13 @@ class DaemonProcess:
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
 
+    def command(self) -> list[str]:
+        """What runs dropcut's CLI (a wrapper's ``python -c`` in some tests)."""
+        return [sys.executable, "-m", "dropcut.cli"]
+
     def start(self) -> DaemonProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dropcut.cli", "run", *self.args],
+            [*self.command(), "run", *self.args],
             env=self.env,
             cwd=REPO,
             stdout=subprocess.PIPE,

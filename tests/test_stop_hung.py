@@ -17,7 +17,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.fake_api import FakeWithoutBG
-from tests.support import REPO, DaemonProcess, Folders, drop, image_bytes, wait_for
+from tests.support import DaemonProcess, Folders, drop, image_bytes, wait_for
 
 # ``python -c HUNG_MOUNT <trigger> run``: the daemon, on an inbox that hangs on demand. The
 # trigger file names the calls that hang from then on: ``inbox-stat`` (stat/lstat of the
@@ -88,17 +87,8 @@ sys.exit(main(sys.argv[2:]))
 class HungMountDaemon(DaemonProcess):
     trigger: Path | None = None
 
-    def start(self) -> HungMountDaemon:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", HUNG_MOUNT, str(self.trigger), "run", *self.args],
-            env=self.env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-        return self
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", HUNG_MOUNT, str(self.trigger)]
 
     def blocked(self) -> list[tuple[str, str]]:
         """(kind, thread name) of every call blocked so far."""
