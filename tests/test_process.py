@@ -227,7 +227,11 @@ def test_second_instance_refuses_with_one_line_and_exit_2(
     first = spawn(env)
     second = subprocess.run(
         [sys.executable, "-m", "dropcut.cli", "run"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=30,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert second.returncode == 2
     assert first.proc is not None and first.proc.poll() is None  # the first one is untouched
@@ -424,3 +428,44 @@ def test_kill_9_mid_batch_then_restart_finishes_everything_once(
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     finally:
         conn.close()
+
+
+def children_of(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def test_a_sigkilled_daemon_leaves_no_inspection_workers_behind(
+    folders: Folders, api: FakeWithoutBG, spawn: Any
+) -> None:
+    """A backlog is inspected in worker processes; when the daemon is SIGKILLed (outside
+    systemd, nobody else cleans up) they must not live on."""
+    for i in range(150):
+        drop(folders.inbox, f"d{i % 10}/x{i}.png", image_bytes("PNG", (8, 8), seed=i))
+    api.credit = 0  # queued, never sent
+    proc = spawn(env_for(folders, api, debounce_seconds=0.1))
+    assert proc.proc is not None
+    wait_for(lambda: len(proc.events("job_queued")) == 150, timeout=60)
+    workers = children_of(proc.proc.pid)
+    assert len(workers) >= 2, "the backlog took the worker-process path"
+    proc.proc.send_signal(signal.SIGKILL)
+    proc.proc.wait(10)
+    wait_for(lambda: not [w for w in workers if _alive(w)], timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

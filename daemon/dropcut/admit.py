@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from dropcut import inspect as insp
+from dropcut import worker
 from dropcut.capture import Note
 from dropcut.paths import output_candidates, output_key
 from dropcut.publish import Publisher
@@ -314,9 +315,15 @@ class Admission:
     def _process_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # forkserver: the workers are not forks of this threaded process (watchdog,
-            # asyncio) and inherit none of its file descriptors (the state lock).
+            # asyncio) and inherit none of its file descriptors (the state lock). The
+            # workers watch the daemon and end with it (see dropcut.worker).
             context = multiprocessing.get_context("forkserver")
-            self._pool = ProcessPoolExecutor(max_workers=POOL_WORKERS, mp_context=context)
+            self._pool = ProcessPoolExecutor(
+                max_workers=POOL_WORKERS,
+                mp_context=context,
+                initializer=worker.start,
+                initargs=(os.getpid(),),
+            )
         return self._pool
 
     def close(self) -> None:
