@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.fake_api import FakeWithoutBG
-from tests.support import API_KEY, Folders
+from tests.support import API_KEY, DaemonProcess, Folders
 
 
 @pytest.fixture
@@ -29,3 +30,23 @@ def api() -> Iterator[FakeWithoutBG]:
     """A fast fake server (50 requests / s) that the daemon's test settings point at."""
     with FakeWithoutBG(api_key=API_KEY, rate_limit=50, rate_period=1.0) as server:
         yield server
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """Start ``dropcut run`` processes (``make`` builds one from the environment: a
+    :class:`DaemonProcess` or a subclass) and wait for ``daemon_started``; any still
+    running at the end is killed (by pid)."""
+    started: list[DaemonProcess] = []
+
+    def start(env: dict[str, str], make: Callable[[dict[str, str]], DaemonProcess] = DaemonProcess) -> Any:
+        proc = make(env).start()
+        started.append(proc)
+        proc.wait_event("daemon_started", timeout=20)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)

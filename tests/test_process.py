@@ -88,24 +88,6 @@ def api() -> Iterator[FakeWithoutBG]:
         yield server
 
 
-@pytest.fixture
-def spawn() -> Iterator[Any]:
-    """Start ``dropcut run`` processes; any still running at the end is killed (by pid)."""
-    started: list[DaemonProcess] = []
-
-    def start(env: dict[str, str]) -> DaemonProcess:
-        proc = DaemonProcess(env).start()
-        started.append(proc)
-        proc.wait_event("daemon_started", timeout=20)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait(10)
-
-
 def env_for(folders: Folders, api: FakeWithoutBG, **overrides: Any) -> dict[str, str]:
     env = folders.env(api.url, api_key=SECRET, **overrides)
     env.pop("CREDENTIALS_DIRECTORY", None)

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,24 +99,6 @@ class HungMountDaemon(DaemonProcess):
         return [(kind, name) for kind, _, name in (line.partition(" ") for line in text.splitlines())]
 
 
-@pytest.fixture
-def hung() -> Iterator[Any]:
-    """Start daemons on a hanging inbox; any still running at the end is killed (by pid)."""
-    started: list[HungMountDaemon] = []
-
-    def start(env: dict[str, str], trigger: Path) -> HungMountDaemon:
-        proc = HungMountDaemon(env, trigger=trigger).start()
-        started.append(proc)
-        proc.wait_event("daemon_started", timeout=20)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait(10)
-
-
 CASES = {
     # the health check's stat() of the inbox (every HEALTH_SECONDS) hangs
     "health-probe": ("native", ["inbox-stat"], {}, "inbox-stat", 1),
@@ -132,14 +113,14 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sigterm_exits_0_while_a_call_on_the_inbox_hangs(
-    tmp_path: Path, api: FakeWithoutBG, hung: Any, case: str
+    tmp_path: Path, api: FakeWithoutBG, spawn: Any, case: str
 ) -> None:
     mode, kinds, overrides, stuck_kind, stuck_count = CASES[case]
     folders = Folders.make(tmp_path / "srv")
     env = folders.env(api.url, watch_mode=mode, **overrides)
     env.pop("NOTIFY_SOCKET", None)
     trigger = tmp_path / "hang"
-    proc = hung(env, trigger)
+    proc = spawn(env, lambda e: HungMountDaemon(e, trigger=trigger))
 
     trigger.write_text(" ".join(kinds), encoding="utf-8")  # the mount hangs from now on
     if case == "settle":

@@ -7,10 +7,9 @@ a request. Bounded by ``result_cache_bytes``; the least recently used results go
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-from dropcut.publish import COPY_CHUNK
+from dropcut.publish import copy_synced
 
 
 class ResultCache:
@@ -43,14 +42,7 @@ class ResultCache:
             return
         final = self.path(sha256)
         tmp = self.directory / f"{sha256}.{os.getpid()}.tmp"
-        try:
-            with source.open("rb") as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst, COPY_CHUNK)
-                dst.flush()
-                os.fsync(dst.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # (a full state_dir must not keep a half copy)
-            raise
+        copy_synced(source, tmp)  # (a full state_dir keeps no half copy)
         size = tmp.stat().st_size
         old = final.stat().st_size if final.exists() else 0
         os.replace(tmp, final)

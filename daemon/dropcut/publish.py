@@ -116,15 +116,21 @@ def place(staged: Path, root: Path, rel_path: str) -> None:
 def copy_to_staging(source: Path, root: Path) -> Path:
     """Copy a file of ours (cache, spool) into ``root``'s staging folder, fsynced."""
     staged = new_staging_file(root)
+    copy_synced(source, staged)
+    return staged
+
+
+def copy_synced(source: Path, dest: Path) -> None:
+    """Copy ``source`` to the new file ``dest`` and fsync it; on any failure (a full disk)
+    no half copy is left at ``dest``."""
     try:
-        with source.open("rb") as src, staged.open("wb") as dst:
+        with source.open("rb") as src, dest.open("wb") as dst:
             shutil.copyfileobj(src, dst, COPY_CHUNK)
             dst.flush()
             os.fsync(dst.fileno())
     except BaseException:
-        staged.unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)
         raise
-    return staged
 
 
 def write_json(root: Path, rel_path: str, data: dict[str, Any]) -> None:
