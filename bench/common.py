@@ -18,11 +18,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support import json_events
+from tests.support import Folders, json_events
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -104,14 +103,8 @@ def machine_line(m: dict[str, Any] | None = None) -> str:
 # --- folders ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Dirs:
-    root: Path
-    inbox: Path
-    outbox: Path
-    quarantine: Path
-    archive: Path
-    state: Path
+class Dirs(Folders):
+    """The test harness's folders (:class:`tests.support.Folders`), under ``WORK/name``."""
 
     @classmethod
     def fresh(cls, name: str, inbox: Path | None = None) -> Dirs:
@@ -119,15 +112,9 @@ class Dirs:
         root = WORK / name
         remove_tree(root)
         root.mkdir(parents=True)
-        dirs = cls(
-            root=root,
-            inbox=inbox or root / "inbox",
-            outbox=root / "outbox",
-            quarantine=root / "quarantine",
-            archive=root / "archive",
-            state=root / "state",
-        )
-        dirs.inbox.mkdir(parents=True, exist_ok=True)
+        dirs = cls.make(root)
+        if inbox is not None:
+            dirs.inbox = inbox
         return dirs
 
     @property

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from PIL import Image
 
@@ -50,7 +50,7 @@ class Folders:
     state: Path
 
     @classmethod
-    def make(cls, root: Path) -> Folders:
+    def make(cls, root: Path) -> Self:
         f = cls(
             root=root,
             inbox=root / "inbox",

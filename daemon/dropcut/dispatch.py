@@ -211,17 +211,12 @@ class Dispatcher:
             self._queue.release(job.id)
             log.info("job_requeued", reason="shutdown")
             raise
-        except OSError as exc:
-            if exc.errno in DISK_ERRNOS:
-                self._queue.release(job.id)
+        except Exception as exc:  # never strand the job: it goes back to the queue
+            self._queue.release(job.id)
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
                 self._disk_full(job, Path(str(exc.filename or self._layout.outbox)), str(exc.strerror))
                 return
-            self._queue.release(job.id)
-            log.exception("job_failed")
-            self._hold_until = max(self._hold_until, self._clock() + 5.0)
-        except Exception:  # a bug, or the queue's database failing: never strand the job
-            self._queue.release(job.id)
-            log.exception("job_failed")
+            log.exception("job_failed")  # a bug, a refused write, the queue's database failing
             self._hold_until = max(self._hold_until, self._clock() + 5.0)
 
     def _short_of_space(self, spool: Path | None) -> Path | None:

@@ -419,13 +419,7 @@ class JobQueue:
     def mark_quarantining(self, job_id: int, error: dict[str, Any], entry: dict[str, Any] | None) -> None:
         """The move to quarantine is about to start (finished by ``finish_pending`` after a
         crash or a failed move); ``entry`` is the attempt that led to it, recorded once."""
-        with self._tx() as db:
-            if entry is not None:
-                self._append_history(db, job_id, entry)
-            db.execute(
-                "UPDATE jobs SET state='quarantining', updated_at=?, error=? WHERE id=?",
-                (self._clock(), json.dumps(error), job_id),
-            )
+        self._set_error_state(job_id, "quarantining", error, entry)
 
     def quarantining_jobs(self) -> list[Job]:
         rows = self._conn.execute("SELECT * FROM jobs WHERE state='quarantining'").fetchall()
@@ -434,12 +428,17 @@ class JobQueue:
     def mark_quarantined(
         self, job_id: int, error: dict[str, Any], entry: dict[str, Any] | None = None
     ) -> None:
+        self._set_error_state(job_id, "quarantined", error, entry)
+
+    def _set_error_state(
+        self, job_id: int, state: str, error: dict[str, Any], entry: dict[str, Any] | None
+    ) -> None:
         with self._tx() as db:
             if entry is not None:
                 self._append_history(db, job_id, entry)
             db.execute(
-                "UPDATE jobs SET state='quarantined', updated_at=?, error=? WHERE id=?",
-                (self._clock(), json.dumps(error), job_id),
+                "UPDATE jobs SET state=?, updated_at=?, error=? WHERE id=?",
+                (state, self._clock(), json.dumps(error), job_id),
             )
 
     def add_quarantined(self, job: NewJob, error: dict[str, Any], *, state: str = "quarantined") -> None:

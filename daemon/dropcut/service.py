@@ -70,11 +70,6 @@ def layout_of(settings: Settings) -> Layout:
     )
 
 
-def rate_margin(settings: Settings) -> float:
-    """See :meth:`Settings.rate_margin`."""
-    return settings.rate_margin()
-
-
 class DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
     """Runs calls on up to ``max_threads`` daemon threads (started as needed, each then
     taking calls from one queue); :meth:`shutdown` waits for calls still running at most
@@ -243,7 +238,7 @@ class Daemon:
         self.pacer = Pacer(
             limit=s.rate_limit_requests,
             period=s.rate_limit_period_seconds,
-            margin=rate_margin(s),
+            margin=s.rate_margin(),
             clock=self._clock,
             history=self.queue.load_slots(),
             on_change=self.queue.save_slots,
