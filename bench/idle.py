@@ -60,6 +60,7 @@ def mark_done(tree: Path, files: int, database: Path) -> None:
                 sha256=hashlib.sha256(data).hexdigest(),
                 size=st.st_size,
                 mtime_ns=st.st_mtime_ns,
+                ctime_ns=st.st_ctime_ns,
                 inode=st.st_ino,
                 device=st.st_dev,
                 format="PNG",

@@ -11,6 +11,8 @@
 #   3. `systemd-analyze security --offline=yes`: prints the exposure score and fails when
 #      it is above $DROPCUT_MAX_EXPOSURE (default 2.0). On systemd 252 --threshold= takes
 #      the exposure times ten (0..100, default 100) and fails when exposure*10 > threshold.
+#   4. the unit (and no example drop-in undoes it) sets LimitCORE=0: a core dump would hold
+#      the API key. systemd-analyze security does not score core dumps.
 # Usage: bash systemd/verify.sh        (exit 0 = all good)
 set -euo pipefail
 
@@ -131,6 +133,25 @@ elif [ "$sec_rc" -ne 0 ]; then
     fail "$unit_name exposure $exposure is above $max_exposure"
 else
     echo "ok: systemd-analyze security --offline=yes: $unit_name exposure $exposure (max $max_exposure)"
+fi
+
+# --- 4. no core dumps ------------------------------------------------------------------------
+if ! grep -Eq '^[[:space:]]*LimitCORE=0[[:space:]]*$' "$unit"; then
+    fail "$unit_name does not set LimitCORE=0 (a core dump would hold the API key)"
+else
+    undone=""
+    for example in "$here"/examples/*.conf; do
+        [ -e "$example" ] || continue
+        if grep -Eq '^[[:space:]]*LimitCORE=' "$example" &&
+            ! grep -Eq '^[[:space:]]*LimitCORE=0[[:space:]]*$' "$example"; then
+            undone="$undone $(basename "$example")"
+        fi
+    done
+    if [ -n "$undone" ]; then
+        fail "drop-in examples set LimitCORE= to something other than 0:$undone"
+    else
+        echo "ok: $unit_name sets LimitCORE=0 (no core dumps)"
+    fi
 fi
 
 exit "$status"

@@ -25,17 +25,27 @@ Routes
 ``GET /available-credit``
     -> 200 ``{"credit": <credit>, "expiration_date": "2027-09-05 23:59:59"}`` (a date in the
     past while ``expired`` is set); 401 on a bad key.  Never rate limited, never costs credit.
+    With a right key, faults queued with ``credit=True`` (or ``bad_encoding_credit_next``)
+    answer instead, in their own queue.
 Any other path -> 404 ``{"detail": "Not Found"}``; a known path with the wrong method -> 405
 ``{"detail": "Method Not Allowed"}`` (with an ``Allow`` header).
 
 Check order for the POST routes (first match answers)
 -----------------------------------------------------
+0. ``redirect_all(url)`` is set          -> 301 (or the status given) ``Location: url+path``,
+   for every request to any path, the credit route included
 1. ``X-API-Key`` missing/wrong           -> 401 ``Invalid API Key``
 2. ``expired``                           -> 403 ``Credits Expired. ...``
    ``credit <= 0``                       -> 402 ``Insufficient credit. ...``
 3. sliding-window rate limit             -> 429 ``Rate limit (7 request/minute) exceeded``
-4. injected faults, in the order queued by ``fail_next`` / ``drop_next`` /
-   ``truncate_next`` / ``garbage_next``
+4. injected faults, in the order queued by the ``*_next`` methods: ``fail_next`` (an error
+   status), ``drop_next`` (no answer), ``truncate_next`` (half the body), ``garbage_next``
+   (JSON as image/png), ``bad_encoding_next`` (claims gzip, is not), ``answer_next`` (any
+   status and body), ``bad_png_next`` (a PNG with valid CRCs that is no usable cut-out:
+   IEND only, broken IDAT, 1×1, RGB, wrong size; see ``bad_png``), ``huge_next`` (the PNG
+   padded to any size, optionally gzip-encoded or without Content-Length),
+   ``trickle_next`` (the body a byte at a time), ``redirect_next`` (3xx with a Location),
+   ``echo_key_next`` (an error whose detail quotes the X-API-Key received)
 5. body checks: 413 (request or ``file`` part over ``max_bytes``), 422 (not multipart or no
    ``file`` part, FastAPI list form), 415 (magic bytes not JPEG/PNG/WebP/TIFF/BMP/GIF),
    422 ``Validation Error`` (Pillow cannot fully decode it)
@@ -79,6 +89,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import dataclasses
 import email.parser
 import email.policy
 import hashlib
@@ -87,12 +98,14 @@ import json
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
 import traceback
+import zlib
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,10 +116,13 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "ALPHA_PATH",
+    "BAD_PNG_KINDS",
     "CREDIT_PATH",
     "CUTOUT_PATH",
+    "BadPng",
     "FakeWithoutBG",
     "RequestRecord",
+    "bad_png",
     "main",
 ]
 
@@ -136,7 +152,21 @@ _HARD_DRAIN_CAP = 256 * _MIB
 _CACHE_ENTRIES = 64
 _CACHE_BYTES = 128 * _MIB
 
-FaultKind = Literal["fail", "drop", "truncate", "garbage", "bad_encoding"]
+FaultKind = Literal[
+    "fail",
+    "drop",
+    "truncate",
+    "garbage",
+    "bad_encoding",
+    "answer",
+    "bad_png",
+    "huge",
+    "trickle",
+    "redirect",
+    "echo_key",
+]
+BadPng = Literal["iend_only", "broken_idat", "tiny", "rgb", "wrong_size"]
+BAD_PNG_KINDS: tuple[BadPng, ...] = ("iend_only", "broken_idat", "tiny", "rgb", "wrong_size")
 
 
 @dataclass(frozen=True)
@@ -148,8 +178,10 @@ class RequestRecord:
     was complete).  ``seq`` is the arrival rank.  ``status`` is the status sent, or 0 when the
     connection was dropped without an answer (``drop_next``).  ``sha256``/``filename``/
     ``size`` describe the multipart ``file`` part (None if there was none or the body was
-    not parsed because it was too large).  ``injected`` names the fault used, if any:
-    ``"fail"``, ``"drop"``, ``"truncate"`` or ``"garbage"``.
+    not parsed because it was too large).  ``injected`` names the fault used, if any (the
+    name of the ``*_next`` method without ``_next``: ``"fail"``, ``"drop"``, ``"truncate"``,
+    ``"garbage"``, ``"bad_encoding"``, ``"answer"``, ``"bad_png"``, ``"huge"``,
+    ``"trickle"``, ``"redirect"``, ``"echo_key"``), or ``"redirect_all"``.
     """
 
     arrived: float
@@ -169,6 +201,15 @@ class _Fault:
     kind: FaultKind
     status: int = 500
     retry_after: str | None = None
+    body: bytes = b""  # answer
+    content_type: str = "image/png"  # answer
+    headers: tuple[tuple[str, str], ...] = ()  # answer; redirect (its Location)
+    png: BadPng = "iend_only"  # bad_png
+    size: int = 0  # huge: bytes of the body before any Content-Encoding
+    gzip: bool = False  # huge: sent with Content-Encoding: gzip
+    announce: bool = True  # huge: send Content-Length (else close-delimited)
+    interval: float = 0.05  # trickle: seconds between pieces
+    piece: int = 1  # trickle: bytes a piece
 
 
 @dataclass
@@ -203,7 +244,13 @@ class _Reply:
     body: bytes = b""
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
-    kind: Literal["normal", "drop", "truncate"] = "normal"
+    kind: Literal["normal", "drop", "truncate", "trickle", "stream"] = "normal"
+    # stream: the body comes from ``chunks()`` (else ``body``); ``length`` is the
+    # Content-Length to announce (None: none, the connection is closed after the body).
+    chunks: Callable[[], Iterator[bytes]] | None = None
+    length: int | None = None
+    interval: float = 0.0  # trickle: seconds between pieces of ``piece`` bytes
+    piece: int = 1
 
 
 def _bad_encoding_reply(content_type: str) -> _Reply:
@@ -265,6 +312,68 @@ def _render(im: Image.Image, alpha_only: bool) -> bytes:
         rgba = Image.new("RGBA", im.size, (128, 128, 128, 255))
     rgba.putalpha(matte)
     return _png(rgba)
+
+
+def _chunks(png: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, data) of each chunk of a well-formed PNG."""
+    pos = 8
+    while pos + 8 <= len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        yield png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+
+
+def _chunk(ctype: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data))
+
+
+def bad_png(kind: BadPng, size: tuple[int, int]) -> bytes:
+    """A PNG body that a careful client must refuse as the cut-out of a ``size`` =
+    (width, height) pixel input, though every chunk CRC is valid:
+
+    ``iend_only``   the signature and an IEND chunk, nothing else (20 bytes)
+    ``broken_idat`` the right RGBA image, but its IDAT data is not a valid zlib stream
+    ``tiny``        a whole 1×1 RGBA image
+    ``rgb``         a whole RGB image of ``size`` (no alpha)
+    ``wrong_size``  a whole RGBA image one pixel wider than ``size``
+    """
+    width, height = size
+    if kind == "iend_only":
+        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IEND", b"")
+    if kind == "tiny":
+        return _png(Image.new("RGBA", (1, 1), (10, 20, 30, 255)))
+    if kind == "rgb":
+        return _png(Image.new("RGB", size, (10, 20, 30)))
+    if kind == "wrong_size":
+        return _png(Image.new("RGBA", (width + 1, height), (10, 20, 30, 255)))
+    if kind == "broken_idat":
+        good = _png(Image.new("RGBA", size, (10, 20, 30, 255)))
+        out = [good[:8]]
+        for ctype, data in _chunks(good):
+            if ctype == b"IDAT":  # keep the zlib header; 0xff... is an invalid block type
+                data = data[:2] + b"\xff" * (len(data) - 2)
+            out.append(_chunk(ctype, data))
+        return b"".join(out)
+    raise ValueError(f"unknown bad PNG kind {kind!r}")
+
+
+def _padded(head: bytes, size: int, pad: bytes) -> Iterator[bytes]:
+    """``head`` then ``pad`` bytes up to ``size`` bytes in all, in pieces of 256 KiB."""
+    yield head
+    left = size - len(head)
+    block = pad * _READ_CHUNK
+    while left > 0:
+        piece = block[: min(left, len(block))]
+        left -= len(piece)
+        yield piece
+
+
+def _gzipped(pieces: Iterator[bytes]) -> bytes:
+    """One gzip member of everything ``pieces`` yields (kept small: the padding is uniform)."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    out = [comp.compress(piece) for piece in pieces]
+    out.append(comp.flush())
+    return b"".join(out)
 
 
 def _placeholder_png() -> bytes:
@@ -345,20 +454,35 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.kind == "drop":  # no answer at all, just hang up
             self.close_connection = True
             return
+        length = reply.length if reply.kind == "stream" else len(reply.body)
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         for name, value in reply.headers.items():
             self.send_header(name, value)
-        if close:
+        if close or length is None:  # (no length: the end of the body is the end of the connection)
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         if head:
             return
+        stopping = self.fake._stopping
         if reply.kind == "truncate":
             self.wfile.write(reply.body[: len(reply.body) // 2])
             self.close_connection = True
+        elif reply.kind == "stream":
+            for piece in reply.chunks() if reply.chunks is not None else [reply.body]:
+                if stopping.is_set():
+                    self.close_connection = True
+                    return
+                self.wfile.write(piece)  # a client that hung up ends this with an OSError
+        elif reply.kind == "trickle":
+            for pos in range(0, len(reply.body), reply.piece):
+                if stopping.wait(reply.interval):  # stop() ends a trickle at once
+                    self.close_connection = True
+                    return
+                self.wfile.write(reply.body[pos : pos + reply.piece])
         else:
             self.wfile.write(reply.body)
 
@@ -485,6 +609,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        redirect = self.fake._redirect_for(self.path)
+        if redirect is not None:
+            self._redirect(method, path, *redirect)
+            return
         if method == "POST" and path in (CUTOUT_PATH, ALPHA_PATH):
             self._handle_process(alpha_only=path == ALPHA_PATH)
             return
@@ -516,6 +644,36 @@ class _Handler(BaseHTTPRequestHandler):
             )
         self._emit(reply, close=not drained, head=method == "HEAD")
 
+    def _redirect(self, method: str, path: str, status: int, location: str) -> None:
+        """Step 0 (``redirect_all``): every request, any path, is answered ``status`` with
+        ``Location``; nothing is admitted, nothing costs credit or counts in the window."""
+        fake = self.fake
+        arrived, seq = fake._arrive() if method == "POST" else (0.0, 0)
+        try:
+            _, drained = self._read_body(0)  # drained and discarded
+        except _BadRequest:
+            drained = False
+        if method == "GET" and path == CREDIT_PATH:
+            with fake._lock:
+                fake._credit_checks += 1
+        reply = _Reply(status, b"", "text/html", {"Location": location})
+        if method == "POST":
+            fake._record(
+                RequestRecord(
+                    arrived=arrived,
+                    path=self.path,
+                    status=status,
+                    sha256=None,
+                    filename=None,
+                    size=None,
+                    api_key_ok=self.headers.get("X-API-Key") == fake.api_key,
+                    rate_limited=False,
+                    injected="redirect_all",
+                    seq=seq,
+                )
+            )
+        self._emit(reply, close=not drained, head=method == "HEAD")
+
     def _credit_reply(self) -> _Reply:
         fake = self.fake
         key_ok = self.headers.get("X-API-Key") == fake.api_key
@@ -525,15 +683,16 @@ class _Handler(BaseHTTPRequestHandler):
             expired = fake._expired
         if not key_ok:
             return _json_reply(401, MSG_INVALID_KEY)
-        with fake._lock:
-            garble, fake._bad_credit = fake._bad_credit > 0, max(0, fake._bad_credit - 1)
-        if garble:
-            return _bad_encoding_reply("application/json")
         payload = {
             "credit": credit,
             "expiration_date": EXPIRED_DATE if expired else EXPIRATION_DATE,
         }
-        return _Reply(200, json.dumps(payload).encode())
+        good = _Reply(200, json.dumps(payload).encode())
+        with fake._lock:
+            fault = fake._credit_faults.popleft() if fake._credit_faults else None
+        if fault is not None:
+            return self._fault_reply(fault, good, (64, 64), pad=b" ")
+        return good
 
     def _handle_process(self, *, alpha_only: bool) -> None:
         fake = self.fake
@@ -554,7 +713,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if fake._stopping.is_set():  # stop() during the latency: hang up
                     reply = _Reply(0, kind="drop")
                 elif adm.fault is not None:
-                    reply = self._fault_reply(adm.fault, upload, alpha_only)
+                    reply = self._upload_fault_reply(adm.fault, upload, alpha_only)
                 else:
                     reply = self._upload_reply(upload, alpha_only)
         except _BadRequest as exc:
@@ -588,7 +747,15 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self._emit(reply, close=not drained)
 
-    def _fault_reply(self, fault: _Fault, upload: _Upload, alpha_only: bool) -> _Reply:
+    def _upload_fault_reply(self, fault: _Fault, upload: _Upload, alpha_only: bool) -> _Reply:
+        im = _decode(upload.data) if upload.data and not upload.too_large else None
+        png = self.fake._rendered(upload, im, alpha_only) if im is not None else _placeholder_png()
+        size = im.size if im is not None else (64, 64)
+        return self._fault_reply(fault, _Reply(200, png, "image/png"), size, pad=b"\0")
+
+    def _fault_reply(self, fault: _Fault, good: _Reply, size: tuple[int, int], *, pad: bytes) -> _Reply:
+        """The answer ``fault`` makes of ``good`` (what the route would have answered) for an
+        input of ``size`` = (width, height) pixels; ``pad`` fills the body of ``huge``."""
         if fault.kind == "fail":
             extra = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             return _json_reply(fault.status, self.fake._detail_for(fault.status), extra)
@@ -597,11 +764,40 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "garbage":
             return _Reply(200, json.dumps({"detail": "this is not a PNG"}).encode(), "image/png")
         if fault.kind == "bad_encoding":
-            return _bad_encoding_reply("image/png")
-        # truncate: promise the whole PNG, send half of it, hang up.
-        im = _decode(upload.data) if upload.data and not upload.too_large else None
-        png = self.fake._rendered(upload, im, alpha_only) if im is not None else _placeholder_png()
-        return _Reply(200, png, "image/png", kind="truncate")
+            return _bad_encoding_reply(good.content_type)
+        if fault.kind == "answer":
+            return _Reply(fault.status, fault.body, fault.content_type, dict(fault.headers))
+        if fault.kind == "bad_png":
+            return _Reply(200, bad_png(fault.png, size), "image/png")
+        if fault.kind == "redirect":
+            return _Reply(fault.status, b"", "text/html", dict(fault.headers))
+        if fault.kind == "echo_key":
+            detail = f"{self.fake._detail_for(fault.status)}: got X-API-Key {self.headers.get('X-API-Key')}"
+            return _json_reply(fault.status, detail)
+        if fault.kind == "trickle":
+            return dataclasses.replace(good, kind="trickle", interval=fault.interval, piece=fault.piece)
+        if fault.kind == "huge" and fault.gzip:
+            packed = _gzipped(_padded(good.body, fault.size, pad))
+            return _Reply(
+                200,
+                packed,
+                good.content_type,
+                {**good.headers, "Content-Encoding": "gzip"},
+                kind="stream",
+                length=len(packed) if fault.announce else None,
+            )
+        if fault.kind == "huge":
+            head, size = good.body, fault.size
+            return _Reply(
+                200,
+                content_type=good.content_type,
+                headers=dict(good.headers),
+                kind="stream",
+                chunks=lambda: _padded(head, size, pad),
+                length=size if fault.announce else None,
+            )
+        # truncate: promise the whole body, send half of it, hang up.
+        return dataclasses.replace(good, kind="truncate")
 
     def _upload_reply(self, upload: _Upload, alpha_only: bool) -> _Reply:
         if upload.too_large:
@@ -620,7 +816,8 @@ class FakeWithoutBG:
     """In-process fake of the withoutBG API; see the module docstring for the contract.
 
     All knobs (``latency``, ``credit``, ``expired``, ``rate_limit``, ``rate_period``) are
-    thread-safe properties that may be changed while the server runs.
+    thread-safe properties that may be changed while the server runs; so may
+    ``redirect_all`` and the fault queues (``*_next``).
     """
 
     def __init__(
@@ -656,7 +853,8 @@ class FakeWithoutBG:
         self._records: list[RequestRecord] = []
         self._seq = 0
         self._credit_checks = 0
-        self._bad_credit = 0  # credit answers still to garble (bad_encoding_credit_next)
+        self._credit_faults: deque[_Fault] = deque()  # for GET /available-credit
+        self._redirect_all: tuple[int, str] | None = None  # (status, base URL)
         self._connections = 0
         self._open_sockets: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -796,18 +994,89 @@ class FakeWithoutBG:
     def bad_encoding_credit_next(self, n: int) -> None:
         """The next ``n`` ``GET /available-credit`` answers: 200 with a body that claims
         ``Content-Encoding: gzip`` but is not gzip."""
-        with self._lock:
-            self._bad_credit += n
+        self._queue(_Fault("bad_encoding"), n, credit=True)
 
-    def _queue(self, fault: _Fault, n: int) -> None:
+    # The faults below take ``credit=True`` to apply to the next ``GET /available-credit``
+    # answers (with a right key) instead of the next admitted POSTs; the two queues are
+    # independent.
+
+    def answer_next(
+        self,
+        n: int,
+        body: bytes,
+        *,
+        status: int = 200,
+        content_type: str = "image/png",
+        headers: dict[str, str] | None = None,
+        credit: bool = False,
+    ) -> None:
+        """The next ``n`` answers are exactly ``status`` with ``body`` (and ``headers``)."""
+        fault = _Fault("answer", status, body=body, content_type=content_type)
+        self._queue(dataclasses.replace(fault, headers=tuple((headers or {}).items())), n, credit=credit)
+
+    def bad_png_next(self, n: int, kind: BadPng) -> None:
+        """The next ``n`` admitted POSTs: 200 ``image/png`` with ``bad_png(kind, size)``, where
+        size is the uploaded image's (64×64 when it does not decode): valid chunk CRCs, but
+        no usable cut-out (see :func:`bad_png`)."""
+        self._queue(_Fault("bad_png", png=kind), n)
+
+    def huge_next(
+        self, n: int, size: int, *, gzip: bool = False, announce: bool = True, credit: bool = False
+    ) -> None:
+        """The next ``n`` answers: 200 whose body is the right answer (the PNG, the credit
+        JSON) padded to ``size`` bytes (NUL bytes after a PNG's IEND, spaces after the JSON),
+        streamed in 256 KiB pieces.  ``gzip``: sent gzip-compressed (``Content-Encoding:
+        gzip``; the wire body is about ``size / 1000`` bytes).  ``announce=False``: no
+        Content-Length, the body ends when the connection closes."""
+        self._queue(_Fault("huge", size=size, gzip=gzip, announce=announce), n, credit=credit)
+
+    def trickle_next(self, n: int, *, interval: float = 0.05, piece: int = 1, credit: bool = False) -> None:
+        """The next ``n`` answers: the right answer's status, headers and Content-Length at
+        once, then its body ``piece`` bytes every ``interval`` seconds.  The trickle ends with
+        the body, when the client hangs up, or at once on :meth:`stop`."""
+        self._queue(_Fault("trickle", interval=interval, piece=piece), n, credit=credit)
+
+    def redirect_next(
+        self,
+        n: int,
+        status: int = 302,
+        location: str = "https://api.example.invalid/v1.0/image-without-background",
+        *,
+        credit: bool = False,
+    ) -> None:
+        """The next ``n`` answers: ``status`` (301, 302, 307, 308...) with ``Location:
+        location`` and an empty body."""
+        self._queue(_Fault("redirect", status, headers=(("Location", location),)), n, credit=credit)
+
+    def echo_key_next(self, n: int, status: int = 401, *, credit: bool = False) -> None:
+        """The next ``n`` answers: ``status`` with a JSON ``detail`` that quotes the
+        ``X-API-Key`` header received (as careless servers do)."""
+        self._queue(_Fault("echo_key", status), n, credit=credit)
+
+    def redirect_all(self, base_url: str | None, status: int = 301) -> None:
+        """Step 0 of the check order, for every request to any path while set: answer
+        ``status`` with ``Location: <base_url><path>`` (a moved service, an http:// URL of an
+        https:// one).  Nothing is admitted or costs credit; POSTs are recorded with
+        ``injected="redirect_all"``.  ``None`` turns it off."""
         with self._lock:
-            self._faults.extend([fault] * n)
+            self._redirect_all = None if base_url is None else (status, base_url.rstrip("/"))
+
+    def _redirect_for(self, path: str) -> tuple[int, str] | None:
+        with self._lock:
+            redirect = self._redirect_all
+        return None if redirect is None else (redirect[0], redirect[1] + path)
+
+    def _queue(self, fault: _Fault, n: int, *, credit: bool = False) -> None:
+        with self._lock:
+            (self._credit_faults if credit else self._faults).extend([fault] * n)
 
     def reset(self) -> None:
-        """Forget records, counters, the rate window and queued faults (knobs are kept)."""
+        """Forget records, counters, the rate window and queued faults (knobs, and
+        ``redirect_all``, are kept)."""
         with self._lock:
             self._window.clear()
             self._faults.clear()
+            self._credit_faults.clear()
             self._records.clear()
             self._credit_checks = 0
 

@@ -6,10 +6,12 @@ import hashlib
 import io
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,13 +22,16 @@ from PIL import Image, UnidentifiedImageError
 
 from tests.fake_api import (
     ALPHA_PATH,
+    BAD_PNG_KINDS,
     CREDIT_PATH,
     CUTOUT_PATH,
     MSG_EXPIRED,
     MSG_NO_CREDIT,
     MSG_SERVER_ERROR,
     MSG_UNSUPPORTED,
+    BadPng,
     FakeWithoutBG,
+    bad_png,
 )
 
 KEY = "test-key"
@@ -576,3 +581,129 @@ def test_cli_runs_until_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- misbehaving on demand (answers a careful client must refuse) ----------------------
+
+
+def test_answer_next_sends_exactly_what_it_is_given(fake_api: FakeWithoutBG) -> None:
+    fake_api.answer_next(1, b"\x00\x01", status=418, content_type="x/y", headers={"X-Extra": "1"})
+    with client(fake_api) as c:
+        r = upload(c)
+        assert (r.status_code, r.content, r.headers["content-type"], r.headers["x-extra"]) == (
+            418,
+            b"\x00\x01",
+            "x/y",
+            "1",
+        )
+        assert upload(c).status_code == 200
+    assert [r.injected for r in fake_api.records()] == ["answer", None]
+    assert fake_api.credit == 999  # only the real 200 cost a credit
+
+
+@pytest.mark.parametrize("kind", BAD_PNG_KINDS)
+def test_bad_png_next_has_valid_crcs_but_no_usable_cutout(fake_api: FakeWithoutBG, kind: BadPng) -> None:
+    fake_api.bad_png_next(1, kind)
+    with client(fake_api) as c:
+        body = upload(c, image_bytes(size=(64, 48))).content
+    assert body == bad_png(kind, (64, 48))
+    pos = 8
+    while pos < len(body):  # every chunk's CRC is right, up to IEND
+        (length,) = struct.unpack(">I", body[pos : pos + 4])
+        ctype, data = body[pos + 4 : pos + 8], body[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", body[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(ctype + data)
+        pos += 12 + length
+    assert ctype == b"IEND" and pos == len(body)
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            im.load()
+            usable = (im.size, im.mode) == ((64, 48), "RGBA")
+    except Exception:
+        usable = False
+    assert not usable
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+@pytest.mark.parametrize("announce", [True, False])
+def test_huge_next_pads_the_real_answer(fake_api: FakeWithoutBG, gzip: bool, announce: bool) -> None:
+    size = 3 * 1024 * 1024
+    fake_api.huge_next(1, size, gzip=gzip, announce=announce)
+    with client(fake_api) as c:
+        r = upload(c)
+        normal = upload(c).content
+    assert r.status_code == 200
+    assert ("content-length" in r.headers) == announce
+    assert (r.headers.get("content-encoding") == "gzip") == gzip
+    if gzip:
+        assert int(r.headers.get("content-length", 0)) < size // 100 or not announce
+    assert len(r.content) == size  # (httpx inflates it)
+    assert r.content.startswith(normal) and r.content[len(normal) :].strip(b"\0") == b""
+
+
+def test_huge_credit_answer_is_valid_json(fake_api: FakeWithoutBG) -> None:
+    fake_api.huge_next(1, 100_000, credit=True)
+    with client(fake_api) as c:
+        r = c.get(CREDIT_PATH)
+        assert len(r.content) == 100_000 and r.json()["credit"] == 1000
+        assert len(c.get(CREDIT_PATH).content) < 100  # the fault is used up
+
+
+def test_trickle_next_is_slow_and_ends_when_the_server_stops(make_api: MakeApi) -> None:
+    api = make_api()
+    api.trickle_next(1, interval=0.05)
+    got = bytearray()
+    with client(api) as c, c.stream("POST", CUTOUT_PATH, files={"file": ("a.jpg", JPEG)}) as r:
+        assert r.status_code == 200
+        promised = int(r.headers["content-length"])
+        started = time.monotonic()
+        stopper = threading.Timer(0.5, api.stop)
+        stopper.start()
+        with pytest.raises(httpx.RemoteProtocolError):
+            for piece in r.iter_raw():
+                got += piece
+        elapsed = time.monotonic() - started
+        stopper.join()
+    assert 4 <= len(got) <= 15 < promised  # about one byte each 0.05 s
+    assert 0.4 <= elapsed < 2.0  # stop() ended the trickle at once
+
+
+def test_redirect_next_and_redirect_all(fake_api: FakeWithoutBG) -> None:
+    fake_api.redirect_next(1, 307, "https://x.example/here")
+    with client(fake_api) as c:
+        r = upload(c)
+        assert (r.status_code, r.headers["location"]) == (307, "https://x.example/here")
+        fake_api.redirect_all("https://moved.example/", status=308)
+        r = upload(c)
+        assert (r.status_code, r.headers["location"]) == (308, "https://moved.example" + CUTOUT_PATH)
+        r = c.get(CREDIT_PATH)
+        assert (r.status_code, r.headers["location"]) == (308, "https://moved.example" + CREDIT_PATH)
+        fake_api.redirect_all(None)
+        assert upload(c).status_code == 200
+    assert [(r.status, r.injected) for r in fake_api.records()] == [
+        (307, "redirect"),
+        (308, "redirect_all"),
+        (200, None),
+    ]
+    assert fake_api.credit_checks == 1 and fake_api.credit == 999
+
+
+def test_echo_key_next_quotes_the_key_received(fake_api: FakeWithoutBG) -> None:
+    fake_api.echo_key_next(1, 422)
+    fake_api.echo_key_next(1, 401, credit=True)
+    with client(fake_api) as c:
+        r = upload(c)
+        assert r.status_code == 422 and KEY in r.json()["detail"]
+        r = c.get(CREDIT_PATH)
+        assert r.status_code == 401 and KEY in r.json()["detail"]
+
+
+def test_credit_faults_have_their_own_queue(fake_api: FakeWithoutBG) -> None:
+    fake_api.fail_next(1, 502)
+    fake_api.answer_next(1, b"{}", status=503, content_type="application/json", credit=True)
+    with client(fake_api) as c:
+        assert c.get(CREDIT_PATH).status_code == 503
+        assert c.get(CREDIT_PATH).status_code == 200
+        assert upload(c).status_code == 502
+        fake_api.huge_next(1, 10_000, credit=True)
+        fake_api.reset()  # forgets the credit queue too
+        assert len(c.get(CREDIT_PATH).content) < 100

@@ -255,3 +255,20 @@ def test_a_crash_during_a_move_across_file_systems_never_loses_the_file(tmp_path
         mover.close()
     # the kills landed in different phases of the move
     assert len(seen) >= 2, seen
+
+
+def test_a_move_to_another_file_system_keeps_the_mode(
+    tmp_path: Path, tmpfs: Path, api: FakeWithoutBG
+) -> None:
+    """Issue 9 item 17: archiving across file systems copies, and the copy keeps the
+    input's permission bits (0600 stays 0600), as a rename would."""
+    folders = Folders.make(tmp_path / "f")
+    folders.archive = tmpfs / "archive"
+    with InProcessDaemon(folders.settings(api.url)):
+        path = folders.inbox / "private.jpg"
+        tmp = folders.inbox / ".private.jpg.tmp"
+        tmp.write_bytes(image_bytes(seed=1701))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        wait_for(lambda: (folders.archive / "private.jpg").exists())
+    assert (folders.archive / "private.jpg").stat().st_mode & 0o7777 == 0o600

@@ -282,8 +282,9 @@ def test_special_files_and_hard_links_are_skipped_without_blocking(
 def test_content_swapped_after_admission_is_not_what_gets_uploaded(
     folders: Folders, api: FakeWithoutBG
 ) -> None:
-    """a.jpg waits behind a slow upload; its bytes are then overwritten in place. The
-    server gets the validated bytes for that job; the new content is a new job."""
+    """a.jpg waits behind a slow upload; its bytes are then overwritten in place. The new
+    content is a new job, and the old one, replaced before a request was spent on it, is
+    cancelled: the server gets only the new content (issue 9 item 4)."""
     original = image_bytes("JPEG", (64, 48), seed=20)
     swapped = image_bytes("JPEG", (90, 70), seed=21)
     api.latency = 0.5
@@ -306,7 +307,8 @@ def test_content_swapped_after_admission_is_not_what_gets_uploaded(
     assert ts(uploads[0]) > swapped_at, "the swap must happen before the first upload of a.jpg"
     assert queued == [sha(original), sha(swapped)]
     sent = [r.sha256 for r in api.records() if r.filename == "a.jpg"]
-    assert sent == [sha(original), sha(swapped)], "the server must get the bytes that were checked"
+    assert sent == [sha(swapped)], "withdrawn content is not paid for"
+    assert [e["sha256"] for e in run.logs.events("job_cancelled")] == [sha(original)]
     assert png_size(folders.outbox / "a.png") == (90, 70)
     assert (folders.archive / "a.jpg").read_bytes() == swapped
 
@@ -332,10 +334,12 @@ def test_content_swapped_while_paused_ends_with_the_output_of_the_new_content(
             fh.write(swapped)
         wait_for(lambda: len(run.logs.events("job_queued")) == 2)
         api.credit = 100
-        wait_for(lambda: len(run.logs.events("input_disposed")) == 2, timeout=10)
+        wait_for(lambda: (folders.archive / "a.jpg").exists(), timeout=10)
+        cancelled = wait_for(lambda: run.logs.events("job_cancelled"), timeout=10)
+        assert [e["sha256"] for e in cancelled] == [sha(original)]
     records = api.records()
-    assert records[0].status == 402 and records[0].sha256 == sha(original)
-    assert sorted(r.sha256 or "" for r in records[1:]) == sorted([sha(original), sha(swapped)])
+    assert records[0].status == 402 and records[0].sha256 == sha(original)  # (402 costs nothing)
+    assert [r.sha256 for r in records[1:]] == [sha(swapped)], "replaced content is not sent again"
     assert (folders.archive / "a.jpg").read_bytes() == swapped
     assert png_size(folders.outbox / "a.png") == (90, 70), "a stale result replaced the newer one"
 

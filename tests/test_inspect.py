@@ -162,6 +162,7 @@ def test_each_format_is_accepted(
         width=64,
         height=48,
         spool_path=spool / sha(data),
+        ctime_ns=st.st_ctime_ns,
     )
     assert (spool / sha(data)).read_bytes() == data
     assert spool_names(spool) == [sha(data)]  # no temp file left over
@@ -270,6 +271,7 @@ def test_too_large_hashes_whole_file_and_leaves_no_spool(inbox: Path, spool: Pat
         mtime_ns=st.st_mtime_ns,
         inode=st.st_ino,
         device=st.st_dev,
+        ctime_ns=st.st_ctime_ns,
     )
     assert spool_names(spool) == []
 

@@ -81,6 +81,51 @@ HTTP_CASES: list[tuple[str, Outcome, int, Decision]] = [
         1,
         Retry(1.0, 200, "bad_response", "HTTP 200 but the PNG body does not decode [undecodable]"),
     ),
+    (
+        "200-wrong-size",
+        Outcome(status=200, body_problem=BodyProblem.WRONG_SIZE, detail="1×1 px, expected 64×48 px"),
+        1,
+        Retry(
+            1.0,
+            200,
+            "bad_response",
+            "HTTP 200 but the image is not the size of the input [wrong_size]: 1×1 px, expected 64×48 px",
+        ),
+    ),
+    (
+        "200-wrong-mode",
+        Outcome(status=200, body_problem=BodyProblem.WRONG_MODE, detail="mode RGB, expected RGBA"),
+        3,
+        Retry(
+            4.0,
+            200,
+            "bad_response",
+            "HTTP 200 but the image does not have the expected channels [wrong_mode]: "
+            "mode RGB, expected RGBA",
+        ),
+    ),
+    (
+        "200-too-large",
+        Outcome(status=200, body_problem=BodyProblem.TOO_LARGE),
+        1,
+        Retry(
+            1.0,
+            200,
+            "bad_response",
+            "HTTP 200 but the body is larger than any answer for this image can be [too_large]",
+        ),
+    ),
+    (
+        "200-wrong-size-budget-spent",
+        Outcome(status=200, body_problem=BodyProblem.WRONG_SIZE),
+        12,
+        Refuse(
+            200,
+            "retries_exhausted",
+            "gave up after 12 attempts; last problem: bad_response: "
+            "HTTP 200 but the image is not the size of the input [wrong_size]",
+        ),
+    ),
     # account problems pause the queue, whatever the attempt number
     ("401", Outcome(status=401, detail=SEED_401), 1, Pause(401, "invalid_api_key", SEED_401)),
     ("401-no-detail", Outcome(status=401), 1, Pause(401, "invalid_api_key", SEED_401)),
@@ -166,7 +211,66 @@ HTTP_CASES: list[tuple[str, Outcome, int, Decision]] = [
         1,
         Retry(1.0, 204, "unexpected_status", "HTTP 204 No Content"),
     ),
-    ("302", Outcome(status=302), 1, Retry(1.0, 302, "unexpected_status", "HTTP 302 Found")),
+    # a redirect: api_url is wrong; pause, whatever the attempt, and say where it points
+    (
+        "301-with-location",
+        Outcome(status=301, location="https://api.withoutbg.com/v1.0/image-without-background"),
+        1,
+        Pause(
+            301,
+            "endpoint_redirected",
+            "HTTP 301 Moved Permanently: the API redirects to "
+            "https://api.withoutbg.com/v1.0/image-without-background; "
+            "check api_url (dropcut does not follow redirects)",
+            location="https://api.withoutbg.com/v1.0/image-without-background",
+        ),
+    ),
+    (
+        "302-budget-spent",
+        Outcome(status=302, detail="Found", location="/elsewhere"),
+        12,
+        Pause(
+            302,
+            "endpoint_redirected",
+            "HTTP 302 Found: the API redirects to /elsewhere; "
+            "check api_url (dropcut does not follow redirects)",
+            location="/elsewhere",
+        ),
+    ),
+    (
+        "307-no-location",
+        Outcome(status=307),
+        1,
+        Pause(
+            307,
+            "endpoint_redirected",
+            "HTTP 307 Temporary Redirect: the API is a redirect without a Location; "
+            "check api_url (dropcut does not follow redirects)",
+        ),
+    ),
+    (
+        "308",
+        Outcome(status=308, location="https://x.example/"),
+        3,
+        Pause(
+            308,
+            "endpoint_redirected",
+            "HTTP 308 Permanent Redirect: the API redirects to https://x.example/; "
+            "check api_url (dropcut does not follow redirects)",
+            location="https://x.example/",
+        ),
+    ),
+    (
+        "300-no-location",
+        Outcome(status=300),
+        1,
+        Pause(
+            300,
+            "endpoint_redirected",
+            "HTTP 300 Multiple Choices: the API is a redirect without a Location; "
+            "check api_url (dropcut does not follow redirects)",
+        ),
+    ),
     ("999-unknown", Outcome(status=999), 1, Retry(1.0, 999, "unexpected_status", "HTTP 999")),
     # the attempt budget
     (
@@ -239,6 +343,7 @@ def test_judge_http(outcome: Outcome, attempt: int, expected: Decision) -> None:
         pytest.param(TransportError.CONNECT_TIMEOUT, "timeout", id="connect-timeout"),
         pytest.param(TransportError.WRITE_TIMEOUT, "timeout", id="write-timeout"),
         pytest.param(TransportError.POOL_TIMEOUT, "timeout", id="pool-timeout"),
+        pytest.param(TransportError.DEADLINE, "timeout", id="whole-request-deadline"),
         pytest.param(TransportError.DNS, "connection_error", id="dns"),
         pytest.param(TransportError.TLS, "connection_error", id="tls"),
         pytest.param(TransportError.CONNECT, "connection_error", id="connect"),
@@ -253,6 +358,17 @@ def test_judge_transport(kind: TransportError, code: str) -> None:
     assert (decision.delay, decision.status, decision.code) == (1.0, None, code)
     assert f"[{kind.value}]" in decision.detail
     assert decision.detail.endswith(": [Errno -2] boom")
+
+
+def test_every_body_problem_and_transport_error_has_a_text() -> None:
+    """A new member without a text would crash the judge (KeyError) on its first use."""
+    for problem in BodyProblem:
+        outcome = Outcome(status=200, body_problem=problem)
+        decision = judge(outcome, attempt=1, policy=POLICY, now=NOW, jitter=1)
+        assert isinstance(decision, Retry) and decision.detail.endswith(f"[{problem.value}]")
+    for kind in TransportError:
+        decision = judge(Outcome(transport_error=kind), attempt=1, policy=POLICY, now=NOW, jitter=1)
+        assert isinstance(decision, Retry) and decision.detail.endswith(f"[{kind.value}]")
 
 
 def test_judge_outcome_without_status_or_transport_error_is_an_unknown_transport_error() -> None:

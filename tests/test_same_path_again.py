@@ -68,9 +68,9 @@ def test_content_dropped_again_after_other_content_is_the_newest_again(tmp_path:
     again, stale = process(queue)
     assert again.id == job_a.id  # the old row, the old (lower) id ...
     assert not stale  # ... yet the newest drop at p.jpg: its result is published
-    assert queue.known_signature("p.jpg", 10, int(3.0 * 1e9), 3) == "done"
-    assert queue.known_signatures([("p.jpg", 10, int(3.0 * 1e9), 3)]) == {
-        ("p.jpg", 10, int(3.0 * 1e9), 3): "done"
+    assert queue.known_signature("p.jpg", 10, int(3.0 * 1e9), 0, 3) == "done"
+    assert queue.known_signatures([("p.jpg", 10, int(3.0 * 1e9), 0, 3)]) == {
+        ("p.jpg", 10, int(3.0 * 1e9), 0, 3): "done"
     }
 
 

@@ -203,6 +203,8 @@ RELOADED: dict[str, object] = {
     "api_key": None,  # the new key comes from api_key_file
     "api_key_file": "<written by the test>",
     "rate_limit_requests": 9,
+    "decode_timeout_seconds": 20.0,
+    "max_decode_bytes": 16777216,
     "rate_limit_period_seconds": 2.0,
     "rate_limit_margin_seconds": 0.02,
     "credit_check_interval_seconds": 0.7,
@@ -251,6 +253,8 @@ def in_force(d: Daemon) -> dict[str, object]:
         "ignore_dirs": list(d.admission.settings.ignore_dirs),
         "max_file_bytes": d.admission.settings.max_file_bytes,
         "max_pixels": d.admission.settings.max_pixels,
+        "decode_timeout_seconds": d.admission.settings.decode_timeout_seconds,
+        "max_decode_bytes": d.admission.settings.max_decode_bytes,
         "on_success": d.publisher.on_success,
         "result_cache_bytes": d.cache.max_bytes,
         "shutdown_grace_seconds": d.settings.shutdown_grace_seconds,

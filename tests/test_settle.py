@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from dropcut.settings import Settings
 from dropcut.settle import (
     DEFAULT_IGNORE_DIRS,
     DEFAULT_IGNORE_PATTERNS,
+    SIDE_FILE_PATTERNS,
     CorruptVerdict,
     FirstFailure,
     Seen,
@@ -64,6 +66,19 @@ IGNORED_FILES = [
     ("photo.jpg.TMP", "tmp-upper"),
     ("photo.jpg.Part", "part-mixed"),
     ("photo.jpg.CRDOWNLOAD", "crdownload-upper"),
+    # metadata side files (SIDE_FILE_PATTERNS)
+    ("photo.xmp", "xmp-lightroom"),
+    ("shoot/IMG_0001.CR2.xmp", "xmp-darktable-nested"),
+    ("IMG_0001.XMP", "xmp-upper"),
+    ("IMG_0001.AAE", "aae-ios"),
+    ("IMG_E0001.aae", "aae-lower"),
+    ("MVI_0001.THM", "thm-canon"),
+    ("GOPR0001.thm", "thm-gopro"),
+    ("photo.jpg:Zone.Identifier", "zone-identifier"),
+    ("album/photo.jpg:zone.identifier", "zone-identifier-lower-nested"),
+    ("IMG_0001.CR2.pp3", "pp3-rawtherapee"),
+    ("IMG_0001.NEF.dop", "dop-dxo"),
+    ("IMG_0001.on1", "on1"),
     # inside an ignored directory
     ("@eaDir/photo.jpg/SYNOPHOTO_THUMB_XL.jpg", "synology-eadir"),
     ("@EADIR/photo.jpg", "eadir-upper"),
@@ -112,6 +127,10 @@ KEPT_FILES = [
     ("photo[1].jpg", "brackets"),
     ("download/photo.jpg", "download-dir"),
     ("./photo.jpg", "dot-slash-prefix"),
+    ("photo.xmp.jpg", "xmp-in-middle"),
+    ("xmp/photo.jpg", "xmp-dir"),
+    ("Zone.Identifier.jpg", "zone-identifier-stem"),
+    ("photo.thm.png", "thm-in-middle"),
 ]
 
 
@@ -129,6 +148,12 @@ def test_every_default_pattern_is_exercised() -> None:
     names = [rel.rsplit("/", 1)[-1] for rel, _ in IGNORED_FILES]
     for pattern in P:
         assert any(is_ignored(n, (pattern,), ()) for n in names), pattern
+
+
+def test_side_files_are_default_ignore_patterns_users_can_replace() -> None:
+    assert set(SIDE_FILE_PATTERNS) <= set(P)
+    assert Settings().ignore_patterns == P
+    assert not is_ignored("photo.xmp", ("*.tmp",), ())  # a list of one's own replaces them
 
 
 def test_every_default_dir_is_exercised() -> None:
@@ -186,6 +211,8 @@ TEMP_NAMES = [
     ("photo.jpg.CRDOWNLOAD", True, "crdownload-upper"),
     ("photo.jpg", False, "final-name"),
     ("my.tmp.jpg", False, "tmp-in-middle"),
+    ("photo.xmp", False, "side-file-is-no-temp-name"),
+    ("photo.jpg:Zone.Identifier", False, "zone-identifier-is-no-temp-name"),
 ]
 
 

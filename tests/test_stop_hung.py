@@ -72,7 +72,8 @@ def lstat(path, *args, dir_fd=None, **kwargs):
     return real_lstat(path, *args, dir_fd=dir_fd, **kwargs)
 
 def scandir(path="."):
-    if where(path) is not None:
+    # (a folder is listed by path, or by a descriptor opened without following links)
+    if isinstance(path, int) or where(path) is not None:
         hang_if("scandir")
     return real_scandir(path)
 

@@ -738,6 +738,8 @@ def test_unit_settings_from_the_issue() -> None:
     ):
         assert one(key) == "yes", key
     assert one("UMask") == "0027"
+    # a core dump would hold the API key
+    assert one("LimitCORE") == "0"
     # the API key never travels through the environment
     for assignment in service.get("Environment", []):
         assert not re.search(r"KEY|SECRET|TOKEN|PASSWORD", assignment.upper()), assignment
@@ -812,6 +814,31 @@ def test_verify_script_rejects_a_typo_and_a_weakened_unit(tmp_path: Path) -> Non
     weak = subprocess.run(["bash", str(copy / "verify.sh")], capture_output=True, text=True)
     assert weak.returncode != 0
     assert "is above 2.0" in weak.stderr
+
+
+@needs_analyze
+def test_verify_script_requires_no_core_dumps(tmp_path: Path) -> None:
+    """verify.sh fails when the unit loses LimitCORE=0, or a drop-in example raises it
+    (systemd-analyze security does not score core dumps)."""
+    for tool in ("systemd-sysusers", "systemd-tmpfiles"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    copy = tmp_path / "systemd"
+    shutil.copytree(UNIT.parent, copy)
+    unit = copy / "dropcut.service"
+    original = unit.read_text()
+
+    unit.write_text(re.sub(r"^LimitCORE=0\n", "", original, flags=re.M))
+    gone = subprocess.run(["bash", str(copy / "verify.sh")], capture_output=True, text=True, timeout=120)
+    assert gone.returncode != 0
+    assert "does not set LimitCORE=0" in gone.stderr
+
+    unit.write_text(original)
+    example = copy / "examples" / "nas.conf"
+    example.write_text(example.read_text() + "LimitCORE=infinity\n")
+    raised = subprocess.run(["bash", str(copy / "verify.sh")], capture_output=True, text=True, timeout=120)
+    assert raised.returncode != 0
+    assert "LimitCORE= to something other than 0: nas.conf" in raised.stderr
 
 
 # ---------------------------------------------------------------------------------------
@@ -1024,6 +1051,14 @@ def _():
     cb = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)
     assert cb(41) == 42
 
+@step("no core dumps")  # what dropcut run does first: the unit's filter must allow it
+def _():
+    import ctypes, resource
+    from dropcut.harden import disable_core_dumps
+    problems = disable_core_dumps()
+    dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+    return f"problems={problems} dumpable={dumpable} core={resource.getrlimit(resource.RLIMIT_CORE)}"
+
 results["cffi loaded by the stack"] = "yes" if "_cffi_backend" in sys.modules else "no"
 
 @step("cffi callback")
@@ -1137,6 +1172,7 @@ def probe_baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ):
         assert results[key] == "ok", (key, base["details"].get(key))
     assert results["watchdog inotify"] == "InotifyObserver"
+    assert results["no core dumps"] == "problems=[] dumpable=0 core=(0, 0)"
     assert results["cffi loaded by the stack"] == "no", (
         "something in the daemon's stack now loads cffi: cffi's ffi.callback() needs "
         "writable+executable memory, which MemoryDenyWriteExecute=yes forbids; check that "
@@ -1311,3 +1347,35 @@ def test_daemon_logs_to_journald_with_queryable_fields(
     assert all(e["SYSLOG_IDENTIFIER"] == b"dropcut" for e in entries)
     # nothing about the events went to stderr: the journal has them
     assert not [line for line in proc.lines if '"event"' in line]
+
+
+@needs_systemd_python
+@pytest.mark.parametrize(
+    "key",
+    ["sk-hygiene-7Q2x9Zp4Lm", "sk-\"odd\\key'-7Q2x9Zp4Lm"],
+    ids=["plain_key", "key_with_quote_and_backslash"],
+)
+def test_journal_format_redacts_exceptions_warnings_library_logs_and_crashes(
+    journal_socket: socket.socket, key: str
+) -> None:
+    """log_format=journal: what reaches journald (every field of every entry) holds no
+    trace of the key, whether dropcut, a library, a warning, a finalizer, a thread or an
+    uncaught exception produced it; the tracebacks are there (DROPCUT_EXCEPTION), redacted."""
+    from tests.test_key_hygiene import EXPECTED_EVENTS, MARK, run_log_script
+
+    proc = run_log_script("journal", key)
+    assert proc.returncode == 1, proc.stderr
+    assert MARK not in proc.stdout + proc.stderr
+    entries: list[dict[str, bytes]] = []
+    while len(entries) < len(EXPECTED_EVENTS):
+        try:
+            entries.append(_receive_entry(journal_socket))
+        except TimeoutError:
+            break
+    assert [e.get("DROPCUT_EVENT", b"").decode() for e in entries] == list(EXPECTED_EVENTS)
+    for entry in entries:
+        for name, value in entry.items():
+            assert MARK.encode() not in value, (name, value)
+    tracebacks = [e["DROPCUT_EXCEPTION"] for e in entries if "DROPCUT_EXCEPTION" in e]
+    assert len(tracebacks) >= 5
+    assert all(b"[redacted]" in t for t in tracebacks), tracebacks

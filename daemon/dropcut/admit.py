@@ -25,9 +25,9 @@ import structlog
 from dropcut import inspect as insp
 from dropcut import worker
 from dropcut.capture import Note
-from dropcut.paths import output_candidates, output_key
+from dropcut.paths import HELD_PREFIX, output_candidates, output_key
 from dropcut.publish import Publisher
-from dropcut.queue import JobQueue, NewJob
+from dropcut.queue import JobQueue, NewJob, Signature
 from dropcut.settings import Settings
 from dropcut.settle import (
     CorruptVerdict,
@@ -43,7 +43,8 @@ from dropcut.settle import (
 )
 
 TICK_SECONDS = 0.05
-GRACE_CODES_STATUS = (415, 422)
+GRACE_CODES_STATUS = (415, 422)  # may be a file still being written: looked at again once
+NO_GRACE_CODES = ("decode_too_slow", "too_many_scans")  # a hostile file is not read twice
 DIR_CACHE = 65536  # folders whose ignore verdict is remembered
 SETTLE_BATCH = 2048  # candidates looked at per settle step (the loop stays responsive)
 INSPECT_BATCH = 256  # admitted files one inspector takes at once (one thread hop, one commit)
@@ -61,8 +62,8 @@ def _about_file(rel: str) -> AbstractContextManager[object]:
     return structlog.contextvars.bound_contextvars(file=rel)
 
 
-def _signature(rel: str, st: os.stat_result) -> tuple[str, int, int, int]:
-    return (rel, st.st_size, st.st_mtime_ns, st.st_ino)
+def _signature(rel: str, st: os.stat_result) -> Signature:
+    return (rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Admission:
         parent, _, name = rel_path.rpartition("/")
         if name in ("", "."):
             return is_ignored(rel_path, s.ignore_patterns, s.ignore_dirs)
-        if is_ignored(name, s.ignore_patterns, ()):
+        if name.startswith(HELD_PREFIX) or is_ignored(name, s.ignore_patterns, ()):
             return True
         ignored = self._dir_ignored.get(parent)
         if ignored is None:
@@ -262,6 +263,7 @@ class Admission:
                     mtime_ns=st.st_mtime_ns,
                     inode=st.st_ino,
                     device=st.st_dev,
+                    ctime_ns=st.st_ctime_ns,
                 ),
             )
         else:
@@ -298,10 +300,19 @@ class Admission:
                         # it on one core. Two worker processes use the second one.
                         loop = asyncio.get_running_loop()
                         pool = self._process_pool()
-                        results, notes = await loop.run_in_executor(pool, _inspect_in_worker, *args)
+                        inspect = functools.partial(
+                            _inspect_in_worker,
+                            decode_timeout=s.decode_timeout_seconds,
+                            max_decode_bytes=s.max_decode_bytes,
+                        )
+                        results, notes = await loop.run_in_executor(pool, inspect, *args)
                     else:
                         results, notes = await asyncio.to_thread(
-                            insp.inspect_some, *args, per_file=_about_file
+                            insp.inspect_some,
+                            *args,
+                            per_file=_about_file,
+                            decode_timeout=s.decode_timeout_seconds,
+                            max_decode_bytes=s.max_decode_bytes,
                         )
                     done, batch = batch[: len(results)], batch[len(results) :]
                     try:
@@ -414,10 +425,12 @@ class Admission:
                     device=result.device,
                     format=result.format,
                     first_seen=seen.first_seen,
+                    ctime_ns=result.ctime_ns,
                 )
             case insp.Refused():
                 if (
                     result.status in GRACE_CODES_STATUS
+                    and result.code not in NO_GRACE_CODES
                     and result.sha256 is not None
                     and result.size is not None
                 ):
@@ -471,6 +484,7 @@ class Admission:
             device=refused.device or 0,
             format="",
             first_seen=seen.first_seen,
+            ctime_ns=refused.ctime_ns or 0,
         )
 
         def intent(q_rel: str) -> None:
@@ -482,7 +496,7 @@ class Admission:
                 rel_path=rel,
                 sha256=refused.sha256,
                 size=refused.size,
-                identity=(refused.size, refused.mtime_ns, refused.inode, refused.device),
+                identity=(refused.size, refused.mtime_ns, refused.ctime_ns, refused.inode, refused.device),
                 error=dict(error),
                 attempts=0,
                 first_seen=seen.first_seen,

@@ -22,6 +22,7 @@ from dropcut import __version__
 # inspection pool imports this module again (multiprocessing re-imports the main module),
 # and needs none of it.
 if TYPE_CHECKING:
+    from dropcut.logs import Redactor
     from dropcut.queue import JobQueue
     from dropcut.settings import Settings
 
@@ -51,8 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+PR_GET_DUMPABLE = 3
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # before the configuration (and with it the API key) is read
+    from dropcut.harden import disable_core_dumps
+
+    dump_problems = disable_core_dumps() if args.command == "run" else []
     from dropcut.settings import ConfigError, load_settings
 
     try:
@@ -60,11 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dropcut: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    handler = {"run": _run, "status": _status, "check": _check, "retry": _retry}[args.command]
+    if args.command == "run":
+        return _run(settings, args, dump_problems)
+    handler = {"status": _status, "check": _check, "retry": _retry}[args.command]
     return handler(settings, args)
 
 
-def _run(settings: Settings, args: argparse.Namespace) -> int:
+def _run(settings: Settings, args: argparse.Namespace, dump_problems: Sequence[str] = ()) -> int:
     from dropcut.settings import ConfigError, startup_problems
 
     problems = startup_problems(settings)
@@ -80,13 +88,21 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     except JournalUnavailableError as exc:
         print(f"dropcut: cannot start: log_format=journal: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    key = settings.resolve_api_key()
+    try:
+        key = settings.resolve_api_key()  # checked by startup_problems; the file may change
+    except ConfigError as exc:
+        print(f"dropcut: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     redactor.set_secrets(key.get_secret_value() if key else None)  # before anything is logged
+    if dump_problems:
+        import structlog
+
+        structlog.get_logger().warning("core_dumps_not_disabled", problems=list(dump_problems))
     daemon = Daemon(settings, config_path=args.config, redactor=redactor)
     try:
         daemon.run()
     except (ConfigError, AlreadyRunning) as exc:
-        print(f"dropcut: cannot start: {exc}", file=sys.stderr)
+        print(f"dropcut: cannot start: {redactor.scrub_text(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     return daemon.exit_code
 
@@ -104,7 +120,38 @@ def _check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def status_report(settings: Settings) -> dict[str, Any]:
-    """What ``dropcut status`` shows, as data."""
+    """What ``dropcut status`` shows, as data, with the API key scrubbed out of every
+    value (the queue may hold error details written by older versions, which did not
+    scrub them).
+
+    Raises:
+        sqlite3.Error: the queue database cannot be read.
+    """
+    scrubbed = _status_redactor(settings).scrub(_status_data(settings))
+    assert isinstance(scrubbed, dict)
+    return scrubbed
+
+
+def _status_redactor(settings: Settings) -> Redactor:
+    """A redactor for the key the settings resolve to; for a key that is refused
+    (:class:`~dropcut.settings.ApiKeyError`), its visible pieces, which is what an HTTP
+    library's error text would have quoted."""
+    from dropcut.logs import Redactor
+    from dropcut.settings import ApiKeyError, ConfigError
+
+    redactor = Redactor()
+    try:
+        key = settings.resolve_api_key()
+    except ApiKeyError as exc:
+        redactor.set_secrets(*exc.fragments)
+    except ConfigError:
+        pass  # an unreadable key file: nothing to scrub with
+    else:
+        redactor.set_secrets(key.get_secret_value() if key else None)
+    return redactor
+
+
+def _status_data(settings: Settings) -> dict[str, Any]:
     from dropcut.queue import JobQueue, connect
 
     db = settings.state_dir / "queue.sqlite3"

@@ -9,6 +9,7 @@ decision. Also owns the account state: a paused queue (401/402/403, disk full) a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -34,8 +35,25 @@ from dropcut.settings import Settings
 from dropcut.watch import inbox_problem
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_CHECK_SECONDS = 2.0
+DISK_CHECK_SECONDS = 2.0  # how often a local pause (disk full, outbox unwritable) is re-checked
+LOCAL_PAUSES = ("disk_full", "outbox_unwritable")  # resumed by looking at our folders, not the account
 SERVICE_WIDE = ("rate_limited", "server_error", "connection_error", "timeout")
+SOURCE_CHECK_SECONDS = 10.0  # a stat of the inbox taking longer: the inbox is unavailable
+UNAVAILABLE_RETRY_SECONDS = 5.0  # a job whose inbox is unavailable is looked at again after this
+OUTPUT_UNWRITABLE = "output_unwritable"
+
+
+def outage_step(streak: int, last_step_at: float, *, started: float, now: float) -> tuple[int, float]:
+    """The outage's length in steps after one more service-wide failure (429, 5xx, network):
+    ``(streak, last_step_at)``.
+
+    A request that started before the last step was counted was in flight together with
+    the one that counted it: its failure is the same moment of the same outage, not a new
+    step. So four requests failing at once are one step, and the backoff grows with the
+    outage's duration, not with ``max_in_flight``."""
+    if started < last_step_at:
+        return streak, last_step_at
+    return streak + 1, now
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -74,6 +92,7 @@ class Dispatcher:
         cache: ResultCache,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self._layout = layout
@@ -84,13 +103,16 @@ class Dispatcher:
         self._cache = cache
         self._clock = clock
         self._rng = rng or random.Random()
+        self._notice = notice or (lambda rel_path: None)  # "look at this inbox path again"
         self._wake = asyncio.Event()
         self._credit_wake = asyncio.Event()
+        self._condition_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._hold_until = 0.0
         self._move_failures: dict[int, str] = {}  # job id -> why its input could not be moved
-        self._outage_streak = 0  # service-wide failures in a row (429, 5xx, network)
+        self._outage_streak = 0  # steps of the current outage (429, 5xx, network; see outage_step)
+        self._outage_step_at = float("-inf")
         self._low_credit = False
         self._log = structlog.get_logger()
         self.last_credit: int | None = None
@@ -121,11 +143,14 @@ class Dispatcher:
         """Why the queue is paused (persisted across restarts), or None."""
         return self._paused
 
-    def _pause(self, *, code: str, status: int | None, detail: str) -> None:
+    def _pause(self, *, code: str, status: int | None, detail: str, location: str | None = None) -> None:
         if self._paused is None:
             self._paused = {"code": code, "status": status, "detail": detail, "since": self._clock()}
+            if location is not None:
+                self._paused["location"] = location
             self._queue.set_meta("paused", self._paused)
-            self._log.error("queue_paused", code=code, status=status, detail=detail)
+            self._log.error("queue_paused", code=code, status=status, detail=detail, location=location)
+            self._condition_wake.set()  # whatever checks this condition looks at it now
 
     def _resume(self, why: str) -> None:
         was = self._paused
@@ -187,11 +212,13 @@ class Dispatcher:
     async def _process(self, job: Job) -> None:
         log = self._log.bind(file=job.rel_path, sha256=job.sha256, size=job.size)
         try:
+            if not await self._source_still_there(job, log):
+                return
             cached = self._cache.get(job.sha256)
             if cached is not None:
                 log.info("result_reused")
                 staged = await asyncio.to_thread(self._copy_to_outbox_staging, cached)
-                self._publish(job, staged, log, from_cache=True)
+                await self._publish(job, staged, log, from_cache=True)
                 return
             spool = self._layout.spool_file(job.sha256)
             if not spool.exists():
@@ -216,8 +243,56 @@ class Dispatcher:
             if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
                 self._disk_full(job, Path(str(exc.filename or self._layout.outbox)), str(exc.strerror))
                 return
+            if isinstance(exc, OSError) and self._outbox_problem() is not None:
+                self._pause(code="outbox_unwritable", status=None, detail=self._outbox_problem() or "")
+                return
             log.exception("job_failed")  # a bug, a refused write, the queue's database failing
             self._hold_until = max(self._hold_until, self._clock() + 5.0)
+
+    async def _source_state(self, job: Job) -> str:
+        """``present``, ``changed`` or ``gone`` (see :meth:`Publisher.source_state`), or
+        ``unavailable`` when the inbox cannot tell (away, unreadable, not answering)."""
+
+        # The queue's signature, not the claimed copy's: the same content saved again at
+        # the path meanwhile (a new drop of this job) updated it.
+        identity = (self._queue.get(job.id) or job).identity
+
+        def look() -> str:
+            if inbox_problem(self._layout.inbox) is not None:
+                return "unavailable"
+            try:
+                return self._publisher.source_state(job.rel_path, identity)
+            except OSError:
+                return "unavailable"
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(look), SOURCE_CHECK_SECONDS)
+        except TimeoutError:
+            return "unavailable"
+
+    async def _source_still_there(self, job: Job, log: BoundLogger) -> bool:
+        """Is the job's file still in the inbox as it was queued? Checked before anything
+        is spent on it: a file deleted or replaced meanwhile is cancelled (the new content
+        is admitted as its own job), and a job whose inbox cannot be read waits."""
+        where = await self._source_state(job)
+        if where == "present":
+            return True
+        if where == "unavailable":
+            self._queue.postpone(job.id, at=self._clock() + UNAVAILABLE_RETRY_SECONDS)
+            log.debug("job_postponed", reason="inbox unavailable")
+        else:
+            self._cancel(job, where, log)
+        return False
+
+    def _cancel(self, job: Job, why: str, log: BoundLogger, *, paid: bool = False) -> None:
+        detail = "deleted or moved away" if why == "gone" else "replaced by other content"
+        self._queue.cancel(job.id, {"code": f"source_{why}", "detail": f"the file was {detail}"})
+        self._drop_spool(job.sha256)
+        # (paid: the answer came after the file went; it is in the result cache, so the
+        # same photo under its new name costs nothing)
+        log.info("job_cancelled", reason=why, paid=paid)
+        if why == "changed":
+            self._notice(job.rel_path)
 
     def _short_of_space(self, spool: Path | None) -> Path | None:
         """A folder we write to that lacks room for this image's result, or None."""
@@ -236,28 +311,40 @@ class Dispatcher:
         return copy_to_staging(source, self._layout.outbox)
 
     async def _send(self, job: Job, spool: Path, log: BoundLogger) -> None:
+        width, height = image_size(spool)
+        # the answer must be an RGBA image of the input's stored size (unknown: (0, 0))
+        expected_size = (width, height) if width and height else None
         staged = new_staging_file(self._layout.outbox)
         handed_over = False
         try:
             async with self._pacer.slot() as handle:
+                # Looked at again once the slot is ours: a file deleted or replaced while
+                # it waited for the rate limit is not paid for, and the slot is given back.
+                if not await self._source_still_there(job, log):
+                    handle.discard()
+                    return
                 attempt = self._queue.record_attempt(job.id)
                 log.info("upload_started", attempt=attempt)
-                started = time.monotonic()
+                started = self._clock()
+                began = time.monotonic()
                 outcome = await self._client.remove_background(
                     spool,
                     filename=PurePosixPath(job.rel_path).name,
                     image_format=job.format,
                     dest=staged,
-                    on_sent=handle.mark_sent,
+                    on_sent=lambda _at: handle.mark_sent(),  # (the pacer's clock, not the wall)
+                    expected_size=expected_size,
                 )
-            duration_ms = round((time.monotonic() - started) * 1000)
+            duration_ms = round((time.monotonic() - began) * 1000)
             policy = retry_policy(self.settings)
             decision = judge(
                 outcome, attempt=attempt, policy=policy, now=datetime.now(UTC), jitter=self._rng.random()
             )
             service_wide = isinstance(decision, Retry) and decision.code in SERVICE_WIDE
             if service_wide:
-                self._outage_streak += 1
+                self._outage_streak, self._outage_step_at = outage_step(
+                    self._outage_streak, self._outage_step_at, started=started, now=self._clock()
+                )
             elif not (isinstance(decision, Refuse) and decision.code == Code.RETRIES_EXHAUSTED):
                 self._outage_streak = 0  # (a job giving up says nothing about the service)
             entry = {
@@ -269,6 +356,8 @@ class Dispatcher:
                 "body_problem": outcome.body_problem.value if outcome.body_problem else None,
                 "duration_ms": duration_ms,
             }
+            if outcome.location is not None:
+                entry["location"] = outcome.location
             match decision:
                 case Publish():
                     log.info("upload_succeeded", attempt=attempt, status=200, duration_ms=duration_ms)
@@ -277,7 +366,7 @@ class Dispatcher:
                     except OSError as exc:  # a missing cache entry costs nothing now: publish
                         log.warning("cache_store_failed", detail=exc.strerror or str(exc))
                     handed_over = True
-                    self._publish(job, staged, log, from_cache=False, entry=entry)
+                    await self._publish(job, staged, log, from_cache=False, entry=entry)
                 case Retry():
                     entry["code"] = decision.code
                     if service_wide:
@@ -301,14 +390,19 @@ class Dispatcher:
                 case Pause():
                     entry["code"] = decision.code
                     self._queue.retry_later(job.id, at=self._clock(), entry=entry, count_attempt=False)
-                    self._pause(code=decision.code, status=decision.status, detail=decision.detail)
+                    self._pause(
+                        code=decision.code,
+                        status=decision.status,
+                        detail=decision.detail,
+                        location=decision.location,
+                    )
         finally:
             if not handed_over:
                 staged.unlink(missing_ok=True)
 
     # --- finishing ---------------------------------------------------------------------
 
-    def _publish(
+    async def _publish(
         self,
         job: Job,
         staged: Path,
@@ -324,24 +418,88 @@ class Dispatcher:
             staged.unlink(missing_ok=True)
             self._queue.mark_published(job.id, "", record)
             log.info("output_superseded")
-        else:
-            out_rel = self._queue.claim_output(job.rel_path, output_candidates(job.rel_path), output_key)
+            self.finish_published(self._queue.get(job.id) or job)
+            return
+        where = await self._source_state(job)
+        if where in ("gone", "changed"):
+            # Deleted, replaced or renamed (its folder too) while the answer was on its way:
+            # no output under a name the user no longer uses; the answer is in the cache.
+            staged.unlink(missing_ok=True)
+            self._cancel(job, where, log, paid=not from_cache)
+            return
+        out_rel = self._queue.claim_output(job.rel_path, output_candidates(job.rel_path), output_key)
+        try:
             self._publisher.place_output(staged, out_rel)
-            self._queue.mark_published(job.id, out_rel, record)
-            log.info("output_written", output=out_rel, cached=from_cache)
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            if exc.errno in DISK_ERRNOS:
+                raise
+            self._output_failed(job, out_rel, exc, log)
+            return
+        self._queue.mark_published(job.id, out_rel, record)
+        log.info("output_written", output=out_rel, cached=from_cache)
         self.finish_published(self._queue.get(job.id) or job)
+
+    def _outbox_problem(self) -> str | None:
+        """Why nothing at all can be written to the outbox (read-only, not writable,
+        gone), or None."""
+        outbox = self._layout.outbox
+        try:
+            if os.statvfs(outbox).f_flag & os.ST_RDONLY:
+                return f"the outbox {outbox} is on a read-only file system"
+        except OSError as exc:
+            return f"the outbox {outbox}: {exc.strerror or exc}"
+        if not os.access(outbox, os.W_OK | os.X_OK):
+            return f"the outbox {outbox} is not writable"
+        return None
+
+    def _output_failed(self, job: Job, out_rel: str, exc: OSError, log: BoundLogger) -> None:
+        """An output could not be placed. When nothing can be written to the outbox the
+        queue pauses (``outbox_unwritable``, resumed when it can); otherwise this one output
+        is the problem (a folder named like it, a subfolder without write permission): an
+        attempt with backoff, other files go on, and after ``max_attempts`` the input is
+        quarantined. Each retry republishes from the result cache, without a request."""
+        problem = self._outbox_problem()
+        if problem is not None:
+            self._queue.release(job.id)
+            self._pause(code="outbox_unwritable", status=None, detail=problem)
+            return
+        attempt = self._queue.record_attempt(job.id)
+        reason = errno.errorcode.get(exc.errno or 0, "error")
+        detail = f"cannot write the output outbox/{out_rel}: {reason}: {exc.strerror or exc}"
+        entry: dict[str, Any] = {"attempt": attempt, "at": self._clock(), "status": None}
+        entry.update(code=OUTPUT_UNWRITABLE, detail=detail)
+        policy = retry_policy(self.settings)
+        if attempt >= policy.max_attempts:
+            refuse = Refuse(
+                status=0, code=OUTPUT_UNWRITABLE, detail=f"gave up after {attempt} attempts: {detail}"
+            )
+            self._quarantine(job, refuse, entry, attempt, log, source="local")
+            return
+        delay = backoff_delay(attempt, policy, self._rng.random())
+        self._queue.retry_later(job.id, at=self._clock() + delay, entry=entry)
+        log.warning(
+            "retry_scheduled", attempt=attempt, code=OUTPUT_UNWRITABLE, detail=detail, delay_s=round(delay, 2)
+        )
 
     def finish_published(self, job: Job) -> None:
         """Move the input away after its output is durable (also at start-up and after each
-        rescan). The job waits in ``published`` while the inbox is away (NAS offline), while
-        the input cannot be moved (EACCES, EPERM, EBUSY: reported once, tried again after
-        the next rescan) and while the disk is full (the queue pauses)."""
+        rescan), if it is still the content the output was made from
+        (:meth:`Publisher.dispose_input`). The job waits in ``published`` while the inbox
+        is away (NAS offline), while the input cannot be moved (EACCES, EPERM, EBUSY:
+        reported once, tried again after the next rescan) and while the disk is full (the
+        queue pauses)."""
         if inbox_problem(self._layout.inbox) is not None:
             self._log.warning("input_dispose_deferred", file=job.rel_path, reason="inbox unavailable")
             return
-        identity = (job.size, job.mtime_ns, job.inode, job.device)
         try:
-            what = self._publisher.dispose_input(job.rel_path, identity, sha256=job.sha256)
+            what = self._publisher.dispose_input(
+                job.rel_path,
+                job.sha256,
+                job.identity,
+                held_as=job.held_as,
+                hold=lambda held_as: self._queue.set_held(job.id, held_as),
+            )
         except OSError as exc:
             self._move_failed(job, exc, "input_dispose_failed")
             return
@@ -349,6 +507,8 @@ class Dispatcher:
         self._queue.mark_done(job.id)
         self._drop_spool(job.sha256)
         self._log.info("input_disposed", file=job.rel_path, sha256=job.sha256, result=what)
+        if what.startswith("changed:"):
+            self._notice(what.removeprefix("changed:"))  # other content: its own job
 
     def resume_quarantine(self, job: Job) -> None:
         """Finish a quarantine that a crash or a failed move interrupted (its intent and
@@ -386,9 +546,21 @@ class Dispatcher:
         )
 
     def _quarantine(
-        self, job: Job, decision: Refuse, entry: dict[str, Any], attempt: int, log: BoundLogger
+        self,
+        job: Job,
+        decision: Refuse,
+        entry: dict[str, Any],
+        attempt: int,
+        log: BoundLogger,
+        *,
+        source: str = "api",
     ) -> None:
-        error = {"status": decision.status, "code": decision.code, "detail": decision.detail, "source": "api"}
+        error = {
+            "status": decision.status,
+            "code": decision.code,
+            "detail": decision.detail,
+            "source": source,
+        }
         try:
             placed = self.finish_quarantine(job, error, entry=entry, attempts=attempt)
         except OSError as exc:
@@ -404,7 +576,7 @@ class Dispatcher:
             detail=decision.detail,
             attempt=attempt,
             quarantined_as=placed,
-            source="api",
+            source=source,
         )
 
     def finish_quarantine(
@@ -431,7 +603,7 @@ class Dispatcher:
             rel_path=job.rel_path,
             sha256=job.sha256,
             size=job.size,
-            identity=(job.size, job.mtime_ns, job.inode, job.device),
+            identity=job.identity,
             error={k: v for k, v in error.items() if k != "quarantined_as"},
             attempts=job.attempts if attempts is None else attempts,
             first_seen=job.first_seen,
@@ -465,22 +637,37 @@ class Dispatcher:
         while not self._stopping:
             await self.check_credit()
             self._credit_wake.clear()
-            interval = self.settings.credit_check_interval_seconds
-            paused = self.paused
-            if paused is not None and paused.get("code") == "disk_full":
-                interval = min(interval, DISK_CHECK_SECONDS)
             try:
-                await asyncio.wait_for(self._credit_wake.wait(), timeout=interval)
+                await asyncio.wait_for(
+                    self._credit_wake.wait(), timeout=self.settings.credit_check_interval_seconds
+                )
             except TimeoutError:
                 pass
 
+    async def condition_loop(self) -> None:
+        """Re-check a local pause (disk full, outbox unwritable) every
+        ``DISK_CHECK_SECONDS`` while it lasts, and resume when it is gone; idle otherwise
+        (a new pause wakes it at once)."""
+        while not self._stopping:
+            self._condition_wake.clear()
+            paused = self.paused
+            code = paused.get("code") if paused is not None else None
+            timeout: float | None = None
+            if code in LOCAL_PAUSES:
+                if self._local_condition_gone(str(code)):
+                    self._resume("disk_space_available" if code == "disk_full" else "outbox_writable")
+                    self.finish_pending()
+                    continue
+                timeout = DISK_CHECK_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._condition_wake.wait(), timeout=timeout)
+
+    def _local_condition_gone(self, code: str) -> bool:
+        if code == "disk_full":
+            return self._space_is_back()
+        return self._outbox_problem() is None
+
     async def check_credit(self) -> None:
-        paused = self.paused
-        if paused is not None and paused.get("code") == "disk_full":
-            if self._space_is_back():
-                self._resume("disk_space_available")
-                self.finish_pending()
-            return
         credit = await self._client.available_credit()
         if credit.outcome is not None:
             o = credit.outcome
@@ -501,7 +688,9 @@ class Dispatcher:
         if low and not self._low_credit:
             self._log.warning("credit_low", credit=credit.credit, warn_below=self.settings.credit_warn_below)
         self._low_credit = low
-        if paused is not None and credit.usable and not _expired(credit.expiration_date, self._clock()):
+        paused = self.paused
+        account_pause = paused is not None and paused.get("code") not in LOCAL_PAUSES
+        if account_pause and credit.usable and not _expired(credit.expiration_date, self._clock()):
             self._resume("account_usable")
 
 

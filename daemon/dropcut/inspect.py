@@ -32,16 +32,22 @@ import os
 import stat
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from dropcut.capture import Capture, Note
+from dropcut.decode import (
+    DEFAULT_DECODE_TIMEOUT_SECONDS,
+    DEFAULT_MAX_DECODE_BYTES,
+    SUPPORTED_FORMATS,
+    Budget,
+    DecodeFailure,
+    RefusalCode,
+    check_decodes,
+)
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -64,19 +70,6 @@ __all__ = [
     "sync_spool",
 ]
 
-SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
-"""What the API accepts, as returned by :func:`sniff_format` and in ``Inspected.format``."""
-
-# Pillow format names that belong to each sniffed family (a multi-picture JPEG opens as MPO).
-_PILLOW_FAMILY: dict[str, frozenset[str]] = {
-    "JPEG": frozenset({"JPEG", "MPO"}),
-    "PNG": frozenset({"PNG"}),
-    "WEBP": frozenset({"WEBP"}),
-    "TIFF": frozenset({"TIFF"}),
-    "BMP": frozenset({"BMP"}),
-    "GIF": frozenset({"GIF"}),
-}
-
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -84,7 +77,6 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_C
 _CHUNK = 1 << 20
 _HEAD = 64
 _VANISHED_ERRNOS = (errno.ENOENT, errno.ESTALE)
-
 
 # ---------------------------------------------------------------------------------------
 # Results
@@ -95,14 +87,6 @@ class RejectReason(StrEnum):
     SYMBOLIC_LINK = "symbolic_link"
     HARD_LINK = "hard_link"
     NOT_REGULAR_FILE = "not_regular_file"
-
-
-class RefusalCode(StrEnum):
-    EMPTY = "empty"
-    TOO_LARGE = "too_large"
-    UNSUPPORTED_FORMAT = "unsupported_format"
-    CORRUPT_IMAGE = "corrupt_image"
-    TOO_MANY_PIXELS = "too_many_pixels"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +104,7 @@ class Inspected:
     width: int
     height: int
     spool_path: Path
+    ctime_ns: int = 0  # with size, mtime and inode: the signature a rescan recognises
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +121,7 @@ class Refused:
     mtime_ns: int | None
     inode: int | None
     device: int | None
+    ctime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,10 +415,16 @@ def inspect_file(
     max_bytes: int,
     max_pixels: int | None = None,
     sync: bool = True,
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT_SECONDS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> Inspection:
     """Open ``inbox/rel_path`` without following links, copy it to ``spool_dir`` while
     hashing, and validate it (empty, over ``max_bytes``, format by content, over
     ``max_pixels`` by its header, full decode).
+
+    The decode check takes at most ``decode_timeout`` seconds (else 422
+    ``decode_too_slow``) and holds at most about ``max_decode_bytes`` bytes of decoded
+    data: bigger images get a complete-stream check instead (see :func:`_decode`).
 
     ``sync=False`` leaves the spool file and folder unsynced: the caller batching many
     files calls :func:`sync_spool` once before it records them.
@@ -446,7 +438,8 @@ def inspect_file(
     if isinstance(dir_fd, _WalkFailure):
         return _classify_open_error(rel_path, dir_fd.error, dir_fd.lstat)
     try:
-        return _inspect_in(dir_fd, parts[-1], rel_path, spool_dir, max_bytes, max_pixels, sync)
+        budget = Budget(decode_timeout, max_decode_bytes)
+        return _inspect_in(dir_fd, parts[-1], rel_path, spool_dir, max_bytes, max_pixels, sync, budget)
     finally:
         os.close(dir_fd)
 
@@ -473,6 +466,7 @@ def _inspect_in(
     max_bytes: int,
     max_pixels: int | None = None,
     sync: bool = True,
+    budget: Budget | None = None,
 ) -> Inspection:
     # Look before opening, so FIFOs, sockets, devices and links are never opened at all.
     try:
@@ -492,7 +486,7 @@ def _inspect_in(
         kind = _reject_kind(st)
         if kind is not None:
             return Rejected(rel_path, kind)
-        return _read_and_validate(fd, st, rel_path, spool_dir, max_bytes, max_pixels, sync)
+        return _read_and_validate(fd, st, rel_path, spool_dir, max_bytes, max_pixels, sync, budget)
     finally:
         os.close(fd)
 
@@ -505,7 +499,9 @@ def _read_and_validate(
     max_bytes: int,
     max_pixels: int | None = None,
     sync: bool = True,
+    budget: Budget | None = None,
 ) -> Inspection:
+    budget = budget or Budget()
     digest = hashlib.sha256()
     head = b""
     total = 0
@@ -537,14 +533,28 @@ def _read_and_validate(
             after = os.fstat(fd)
         except OSError as err:
             return _unreadable(rel_path, err)
-        if total != st.st_size or after.st_size != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
+        if (
+            total != st.st_size
+            or after.st_size != st.st_size
+            or after.st_mtime_ns != st.st_mtime_ns
+            or after.st_ctime_ns != st.st_ctime_ns  # written in place with the mtime put back
+        ):
             return Changed(rel_path)
 
         sha256 = digest.hexdigest()
 
         def refuse(status: int, code: RefusalCode, detail: str) -> Refused:
             return Refused(
-                rel_path, status, code, detail, sha256, total, st.st_mtime_ns, st.st_ino, st.st_dev
+                rel_path,
+                status,
+                code,
+                detail,
+                sha256,
+                total,
+                st.st_mtime_ns,
+                st.st_ino,
+                st.st_dev,
+                st.st_ctime_ns,
             )
 
         if total == 0:
@@ -568,8 +578,10 @@ def _read_and_validate(
             os.fsync(out_fd)
         os.close(out_fd)
         out_fd = -1
-        decoded = _decode(tmp_path, fmt, max_pixels)
-        if isinstance(decoded, _DecodeFailure):
+        decoded = check_decodes(
+            tmp_path, fmt, max_pixels, timeout=budget.timeout, max_decode_bytes=budget.max_decode_bytes
+        )
+        if isinstance(decoded, DecodeFailure):
             return refuse(decoded.status, decoded.code, decoded.detail)
         width, height = decoded
 
@@ -587,6 +599,7 @@ def _read_and_validate(
             width=width,
             height=height,
             spool_path=spool_path,
+            ctime_ns=st.st_ctime_ns,
         )
     finally:
         if out_fd >= 0:
@@ -600,57 +613,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-@dataclass(frozen=True, slots=True)
-class _DecodeFailure:
-    status: int
-    code: RefusalCode
-    detail: str
-
-
-def _decode(path: Path, fmt: str, max_pixels: int | None = None) -> tuple[int, int] | _DecodeFailure:
-    """(width, height) if ``path`` decodes completely as the sniffed family ``fmt``.
-
-    An image of more than ``max_pixels`` is refused from its header, before any pixel is
-    decoded: checking it would need up to 4 bytes a pixel (JPEG aside, which is decoded at
-    1/8 scale), and the cut-out the API returns has the input's resolution."""
-    try:
-        # A DecompressionBombWarning must not become an error (e.g. under -W error): only
-        # Pillow's DecompressionBombError (twice the warning limit) refuses the image.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with path.open("rb") as fp, Image.open(fp, formats=SUPPORTED_FORMATS) as img:
-                family = _PILLOW_FAMILY[fmt]
-                if img.format not in family:
-                    return _DecodeFailure(
-                        415,
-                        RefusalCode.UNSUPPORTED_FORMAT,
-                        f"content starts like {fmt} but decodes as {img.format}",
-                    )
-                width, height = img.size
-                if max_pixels is not None and width * height > max_pixels:
-                    return _DecodeFailure(
-                        422,
-                        RefusalCode.TOO_MANY_PIXELS,
-                        f"{width}x{height} is {width * height} pixels, "
-                        f"over the limit of {max_pixels} (max_pixels)",
-                    )
-                if fmt == "JPEG":
-                    # Decode at 1/8 scale (1/64 of the memory); libjpeg still parses the
-                    # whole entropy-coded stream, so truncation is still detected.
-                    img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                img.load()  # the first frame is enough for animations and multi-page TIFF
-    except Image.DecompressionBombError as err:
-        return _DecodeFailure(422, RefusalCode.TOO_MANY_PIXELS, str(err))
-    except UnidentifiedImageError:  # its message names our spool temp file
-        return _DecodeFailure(
-            422, RefusalCode.CORRUPT_IMAGE, f"cannot decode as {fmt}: Pillow cannot identify it"
-        )
-    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
-        message = str(err) or type(err).__name__
-        return _DecodeFailure(422, RefusalCode.CORRUPT_IMAGE, f"cannot decode as {fmt}: {message}")
-    return width, height
 
 
 def _sha256_of(path: Path) -> str:
@@ -698,6 +660,8 @@ def inspect_some(
     *,
     capture: bool = False,
     per_file: Callable[[str], AbstractContextManager[object]] | None = None,
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT_SECONDS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> tuple[list[Inspection | Exception], list[Note]]:
     """Inspect ``rels`` in order until done or the time slice is used up; an exception is
     returned in place of its file's result. Runs in a worker thread or process.
@@ -706,7 +670,9 @@ def inspect_some(
     :class:`Note` s naming their file, the warnings, log records and stdout/stderr output
     that would otherwise go to the worker's stderr, unformatted.  Otherwise they take
     their usual way (the daemon's logging) and no notes are returned; ``per_file(rel)`` is
-    a context each file is inspected in (the daemon binds the file to its log events)."""
+    a context each file is inspected in (the daemon binds the file to its log events).
+    ``decode_timeout`` (seconds) and ``max_decode_bytes`` bound each file's decode check
+    (see :func:`inspect_file`)."""
     out: list[Inspection | Exception] = []
     until = time.monotonic() + INSPECT_SLICE_SECONDS
     with Capture() if capture else contextlib.nullcontext() as captured:
@@ -727,6 +693,8 @@ def inspect_some(
                             max_bytes=max_bytes,
                             max_pixels=max_pixels,
                             sync=False,
+                            decode_timeout=decode_timeout,
+                            max_decode_bytes=max_decode_bytes,
                         )
                     )
                 except Exception as exc:

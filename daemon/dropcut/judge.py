@@ -11,7 +11,8 @@ The decision for one outcome is one of:
 * :class:`Refuse` -- the file itself is the problem (too large, wrong format, corrupt)
   or the retry budget is spent; quarantine the file.
 * :class:`Pause` -- the account or the configuration is the problem (bad key, no
-  credit, expired credit, wrong endpoint); pause the whole queue, quarantine nothing.
+  credit, expired credit, wrong endpoint, a redirect: ``api_url`` points at the wrong
+  place); pause the whole queue, quarantine nothing.
 """
 
 from __future__ import annotations
@@ -63,15 +64,21 @@ class TransportError(StrEnum):
     RESET = "reset"  # connection reset / closed without a response / RemoteProtocolError
     PROTOCOL = "protocol"  # we or the server spoke broken HTTP (LocalProtocolError, decoding)
     OTHER = "other"
+    # The whole request (upload, wait, download) outlasted the client's deadline
+    # (``request_timeout_seconds``), e.g. a server that trickles its answer byte by byte.
+    DEADLINE = "deadline"
 
 
 class BodyProblem(StrEnum):
-    """What is wrong with the body of a 200 answer (found by the client's PNG check)."""
+    """What is wrong with the body of a 200 answer (found by the client's answer check)."""
 
     EMPTY = "empty"  # zero bytes
     NOT_PNG = "not_png"  # does not start with the PNG signature (e.g. JSON or HTML)
     TRUNCATED = "truncated"  # PNG signature, but shorter than Content-Length or no IEND
     UNDECODABLE = "undecodable"  # looks complete, but the image decoder rejects it
+    WRONG_SIZE = "wrong_size"  # decodes, but its (width, height) is not the input's
+    WRONG_MODE = "wrong_mode"  # decodes, but not the channels asked for (e.g. RGB, no alpha)
+    TOO_LARGE = "too_large"  # more bytes (announced or decoded) than such an answer can need
 
 
 class Code(StrEnum):
@@ -82,6 +89,7 @@ class Code(StrEnum):
     INSUFFICIENT_CREDIT = "insufficient_credit"
     CREDITS_EXPIRED = "credits_expired"
     ENDPOINT_NOT_FOUND = "endpoint_not_found"
+    ENDPOINT_REDIRECTED = "endpoint_redirected"
     # Refuse
     TOO_LARGE = "too_large"
     UNSUPPORTED_FORMAT = "unsupported_format"
@@ -106,6 +114,7 @@ class Outcome:
     retry_after: str | None = None  # raw Retry-After header value, if any
     transport_error: TransportError | None = None
     body_problem: BodyProblem | None = None  # only meaningful for status 200
+    location: str | None = None  # the Location header of a 3xx answer (key redacted)
 
 
 @dataclass(frozen=True)
@@ -148,11 +157,15 @@ class Refuse:
 
 @dataclass(frozen=True)
 class Pause:
-    """Account or configuration problem: pause the whole queue, quarantine nothing."""
+    """Account or configuration problem: pause the whole queue, quarantine nothing.
+
+    ``location`` is where a redirect (``endpoint_redirected``) pointed, else None.
+    """
 
     status: int
     code: str
     detail: str
+    location: str | None = None
 
 
 Decision: TypeAlias = Publish | Retry | Refuse | Pause
@@ -200,6 +213,9 @@ _BODY_PROBLEM_TEXT: Mapping[BodyProblem, str] = MappingProxyType(
         BodyProblem.NOT_PNG: "HTTP 200 but the body is not a PNG",
         BodyProblem.TRUNCATED: "HTTP 200 but the PNG body is cut short",
         BodyProblem.UNDECODABLE: "HTTP 200 but the PNG body does not decode",
+        BodyProblem.WRONG_SIZE: "HTTP 200 but the image is not the size of the input",
+        BodyProblem.WRONG_MODE: "HTTP 200 but the image does not have the expected channels",
+        BodyProblem.TOO_LARGE: "HTTP 200 but the body is larger than any answer for this image can be",
     }
 )
 
@@ -215,6 +231,7 @@ _TRANSPORT_TEXT: Mapping[TransportError, str] = MappingProxyType(
         TransportError.RESET: "connection reset or closed without a complete response",
         TransportError.PROTOCOL: "HTTP protocol error",
         TransportError.OTHER: "transport error",
+        TransportError.DEADLINE: "no complete answer within the request deadline",
     }
 )
 
@@ -224,6 +241,7 @@ _TIMEOUT_KINDS = frozenset(
         TransportError.READ_TIMEOUT,
         TransportError.WRITE_TIMEOUT,
         TransportError.POOL_TIMEOUT,
+        TransportError.DEADLINE,
     }
 )
 
@@ -274,6 +292,15 @@ def _classify(outcome: Outcome) -> Publish | Refuse | Pause | _Transient:
         if outcome.detail:
             text = f"{text}: {outcome.detail}"
         return _Transient(Code.BAD_RESPONSE, text)
+    if 300 <= status <= 399:
+        # We never follow redirects: a 3xx means api_url points at the wrong place (an
+        # http:// URL of an https:// service, a moved host). No file is to blame.
+        return Pause(
+            status=status,
+            code=Code.ENDPOINT_REDIRECTED,
+            detail=_redirect_detail(status, outcome.location),
+            location=outcome.location,
+        )
     detail = outcome.detail or _default_detail(status)
     if status in _PAUSE_CODES:
         return Pause(status=status, code=_PAUSE_CODES[status], detail=detail)
@@ -284,6 +311,11 @@ def _classify(outcome: Outcome) -> Publish | Refuse | Pause | _Transient:
     if 500 <= status <= 599:
         return _Transient(Code.SERVER_ERROR, detail)
     return _Transient(Code.UNEXPECTED_STATUS, detail)
+
+
+def _redirect_detail(status: int, location: str | None) -> str:
+    where = f"redirects to {location}" if location else "is a redirect without a Location"
+    return f"{_default_detail(status)}: the API {where}; check api_url (dropcut does not follow redirects)"
 
 
 def _default_detail(status: int) -> str:

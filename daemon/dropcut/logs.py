@@ -6,15 +6,20 @@ Python warnings (``python_warning``) and uncaught exceptions are turned into eve
 same chain, so with ``log_format=json`` every line the process writes is one JSON object
 with ``event`` and ``timestamp``. (The inspection pool's worker processes log nothing:
 what libraries say there is handed back and logged by :mod:`dropcut.admit` as the same
-events.) The redactor removes secrets (the API key) from every value.
+events.) The redactor removes secrets (the API key) from every value, and again from the
+rendered line as the very last step of every format (json, console, journal), so that a
+traceback the console renderer formats itself, or a value a renderer escapes, cannot carry
+the key out either.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
 import warnings
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -25,31 +30,93 @@ REDACTED = "[redacted]"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+MIN_SECRET = 4
+"""Shorter secrets are not redacted (they would blank out ordinary words)."""
+
+
+def _escaped_forms(secret: str) -> set[str]:
+    """``secret`` as it may appear inside rendered text: itself, JSON-escaped (the json
+    format, a JSON document inside a value) and Python-escaped (``repr()`` of a str or of
+    bytes, e.g. h11's "Illegal header value b'…'"), each up to two levels deep (a repr
+    inside a JSON line)."""
+    forms = {secret}
+    for _ in range(2):
+        for value in list(forms):
+            forms.add(json.dumps(value)[1:-1])
+            forms.add(json.dumps(value, ensure_ascii=False)[1:-1])
+            py = value.encode("unicode_escape").decode("ascii")
+            forms.update((py, py.replace("'", "\\'"), py.replace('"', '\\"')))
+    return forms
+
+
 class Redactor:
-    """A processor that replaces every occurrence of a secret in string values."""
+    """A processor that replaces every occurrence of a secret in string values.
+
+    :meth:`scrub` also serves any text printed or stored outside the log chain (the
+    renderer's output, ``dropcut status``). Secrets shorter than :data:`MIN_SECRET`
+    characters are ignored.
+    """
 
     def __init__(self) -> None:
         self._secrets: tuple[str, ...] = ()
 
     def set_secrets(self, *secrets: str | None) -> None:
-        self._secrets = tuple(s for s in secrets if s and len(s) >= 4)
+        """Replace the secrets to redact; each is also redacted in its JSON- and
+        Python-escaped spellings."""
+        forms: set[str] = set()
+        for secret in secrets:
+            if secret and len(secret) >= MIN_SECRET:
+                forms |= {f for f in _escaped_forms(secret) if len(f) >= MIN_SECRET}
+        # longest first: an escaped spelling may contain a shorter one
+        self._secrets = tuple(sorted(forms, key=lambda f: (-len(f), f)))
 
     def scrub(self, value: Any) -> Any:
+        """``value`` with every secret replaced by ``[redacted]``: strings, and the
+        strings inside dicts (keys too), lists and tuples; other values unchanged."""
+        if not self._secrets:
+            return value
         if isinstance(value, str):
             for secret in self._secrets:
                 if secret in value:
                     value = value.replace(secret, REDACTED)
             return value
-        if isinstance(value, dict):
-            return {k: self.scrub(v) for k, v in value.items()}
+        if isinstance(value, Mapping):
+            return {self.scrub(k): self.scrub(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return type(value)(self.scrub(v) for v in value)
         return value
+
+    def scrub_text(self, text: str) -> str:
+        """``text`` with every secret replaced (the typed form of :meth:`scrub`)."""
+        result = self.scrub(text)
+        assert isinstance(result, str)
+        return result
 
     def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
         if not self._secrets:
             return event_dict
         return {k: self.scrub(v) for k, v in event_dict.items()}
+
+
+class _ScrubbedRenderer:
+    """The final processor: the renderer's output with every secret replaced, so that
+    whatever the renderer adds (a traceback it formats, escaped values) is redacted too."""
+
+    def __init__(self, renderer: Processor, redactor: Redactor) -> None:
+        self._renderer = renderer
+        self._redactor = redactor
+
+    def __call__(
+        self, logger: WrappedLogger, method: str, event_dict: EventDict
+    ) -> Mapping[str, Any] | str | bytes | bytearray | tuple[Any, ...]:
+        out = self._renderer(logger, method, event_dict)
+        if isinstance(out, str):
+            return self._redactor.scrub_text(out)
+        if isinstance(out, bytes | bytearray):
+            return self._redactor.scrub_text(bytes(out).decode("utf-8", "surrogateescape")).encode(
+                "utf-8", "surrogateescape"
+            )
+        return out
 
 
 class _StdlibBridge(logging.Handler):
@@ -112,19 +179,35 @@ def configure(
     stream: TextIO | None = None,
     redactor: Redactor | None = None,
 ) -> Redactor:
-    """Configure structlog, stdlib logging, warnings and excepthooks. Returns the redactor
-    (the daemon gives it the API key, again after a reload)."""
+    """Configure structlog, stdlib logging, warnings and the hooks for uncaught exceptions
+    (``sys.excepthook``, ``threading.excepthook``, ``sys.unraisablehook``). Returns the
+    redactor (the daemon gives it the API key, again after a reload).
+
+    Raises:
+        dropcut.systemd.JournalUnavailableError: ``log_format="journal"`` without
+            systemd-python.
+    """
     redactor = redactor or Redactor()
     out = stream or sys.stderr
     renderer: Processor
     if log_format == "json":
-        renderer = structlog.processors.JSONRenderer(sort_keys=False, default=str)
+        renderer = _ScrubbedRenderer(
+            structlog.processors.JSONRenderer(sort_keys=False, default=str), redactor
+        )
     elif log_format == "journal":
         from dropcut.systemd import JournalRenderer
 
-        renderer = JournalRenderer()
+        # sends the entry itself: it scrubs every field as its last step
+        renderer = JournalRenderer(scrub=redactor.scrub_text)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # plain tracebacks: rich (when installed) would wrap long lines, and a key split
+        # across two lines could not be found by the scrubbing of the output
+        renderer = _ScrubbedRenderer(
+            structlog.dev.ConsoleRenderer(
+                colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+            ),
+            redactor,
+        )
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -132,7 +215,7 @@ def configure(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info if log_format != "console" else _noop,
         redactor,
-        renderer,
+        renderer,  # redacts its own output: the last step for every format
     ]
     structlog.configure(
         processors=processors,
@@ -153,6 +236,7 @@ def configure(
     warnings.showwarning = _show_warning
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_crash
+    sys.unraisablehook = _log_unraisable
     return redactor
 
 
@@ -173,3 +257,19 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
         thread=name,
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
     )
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` (an exception in ``__del__``, a finalizer, a callback
+    nobody can catch): an ``unraisable_exception`` event, redacted like every other,
+    instead of Python's own print to stderr."""
+    exc = unraisable.exc_value
+    fields: dict[str, Any] = {"message": unraisable.err_msg or "Exception ignored in"}
+    if unraisable.object is not None:
+        try:
+            fields["object"] = repr(unraisable.object)
+        except Exception:
+            fields["object"] = "<unrepresentable>"
+    if exc is not None:
+        fields["exc_info"] = (unraisable.exc_type, exc, unraisable.exc_traceback)
+    structlog.get_logger().error("unraisable_exception", **fields)

@@ -15,7 +15,9 @@ arrivals, however the arrivals fall inside their ``[started, sent]`` intervals a
 whatever order concurrent requests reach the server.
 
 :func:`next_start` and :func:`prune` are pure; :class:`Pacer` does the waiting.
-Times are wall-clock seconds (``time.time()``) so that slots survive a restart.
+Times are wall-clock seconds so that slots survive a restart; the daemon's clock is a
+:class:`dropcut.clock.RunClock`, which never steps within a run (a slot restored from the
+future is pulled back to now).
 """
 
 from __future__ import annotations
@@ -110,6 +112,15 @@ class SlotHandle:
         """
         if self._slot.sent is None:
             self._slot = self._pacer._mark_sent(self._key, t)
+
+    def discard(self) -> None:
+        """No request was started with this slot after all (the file went away while it
+        waited): the slot is removed as if it had never been taken, and the next waiter
+        may have it. Only valid before anything was sent; idempotent with :meth:`release`."""
+        if self._released:
+            return
+        self._released = True
+        self._pacer._discard(self._key)
 
     def release(self, *, ok: bool = True) -> None:
         """Done with the request. ``ok=False`` says it failed; the slot counts either way."""
@@ -249,6 +260,10 @@ class Pacer:
         self._prune(now)
         self._changed(notify=True)
         return slot
+
+    def _discard(self, key: int) -> None:
+        self._slots.pop(key, None)
+        self._changed(notify=True)
 
     def _prune(self, now: float) -> bool:
         """Drop the slots that no longer matter; True when some were dropped."""

@@ -15,6 +15,11 @@ STAGING_DIR = ".dropcut-staging"
 """Hidden folder at the top of outbox, archive and quarantine where files are completed
 before they are renamed to their final name (same file system, so the rename is atomic)."""
 
+HELD_PREFIX = ".dropcut-held-"
+"""Private name an input is renamed to, in its own folder, while dropcut checks that it is
+the content whose output was written and then archives or deletes it. Never admitted,
+whatever the ignore rules say."""
+
 ERROR_SUFFIX = ".error.json"
 NAME_MAX = 255
 
@@ -109,6 +114,11 @@ def error_json_rel(rel_path: str) -> str:
     """``quarantine/<rel>.error.json`` beside the quarantined input."""
     parent, name = PurePosixPath(rel_path).parent, PurePosixPath(rel_path).name
     return str(parent / fit_name(name, ERROR_SUFFIX))
+
+
+def held_rel(rel_path: str, token: str) -> str:
+    """The private name (:data:`HELD_PREFIX`) for ``rel_path`` while it is being disposed of."""
+    return str(PurePosixPath(rel_path).parent / f"{HELD_PREFIX}{token}")
 
 
 def numbered_candidates(rel_path: str) -> Iterator[str]:

@@ -13,6 +13,7 @@ Rules that hold for every function here:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -26,8 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dropcut.inspect import file_identity_matches, open_dir_nofollow
-from dropcut.paths import STAGING_DIR, Layout, error_json_rel, numbered_candidates
+from dropcut.inspect import open_dir_nofollow, stat_entry
+from dropcut.paths import STAGING_DIR, Layout, error_json_rel, held_rel, numbered_candidates
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 COPY_CHUNK = 1024 * 1024
@@ -216,6 +217,9 @@ def _copy_across(src_fd: int, src_name: str, dst_root: Path, dst_fd: int, dst_na
             shutil.copyfileobj(src, dst, COPY_CHUNK)
             dst.flush()
             st = os.fstat(src.fileno())
+            # A move keeps the file's permission bits and times, whichever way it goes
+            # (a rename keeps them by nature).
+            os.fchmod(dst.fileno(), stat.S_IMODE(st.st_mode))
             os.utime(dst.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
             os.fsync(dst.fileno())
         with _dir(os.open(staged.parent, DIR_FLAGS)) as stage_fd:
@@ -253,6 +257,34 @@ def pick_free(root: Path, candidates: Iterable[str]) -> str:
     raise AssertionError("candidates is endless")
 
 
+def _put_back(dir_fd: int, held: str, rel_path: str) -> str:
+    """Give a held input its name back without overwriting what may have been saved under
+    that name meanwhile: a hard link to the first free name among ``rel_path``,
+    ``name~2.ext``… (atomic: fails if the name exists), then the private name is removed.
+    On a file system without hard links, a rename to a name that does not exist."""
+    held_st = os.stat(held, dir_fd=dir_fd, follow_symlinks=False)
+    for candidate in numbered_candidates(rel_path):
+        name = PurePosixPath(candidate).name
+        try:
+            os.link(held, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            there = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) != (held_st.st_dev, held_st.st_ino):
+                continue  # another file: try the next name
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if _exists(name, dir_fd):
+                continue
+            os.rename(held, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            fsync_dir(dir_fd)
+            return candidate
+        os.unlink(held, dir_fd=dir_fd)
+        fsync_dir(dir_fd)
+        return candidate
+    raise AssertionError("candidates is endless")
+
+
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -273,35 +305,98 @@ class Publisher:
             swept[str(root)] = clean_staging(root)
         return swept
 
+    def source_state(self, rel_path: str, identity: tuple[int | None, ...]) -> str:
+        """Is ``inbox/rel_path`` still the file a job was made from? ``present`` (same
+        size, mtime, ctime, inode and device), ``changed`` (something else is there now)
+        or ``gone``; links are not followed. Raises OSError when the inbox cannot be
+        read (EACCES, EIO: the caller cannot tell)."""
+        st = stat_entry(self.layout.inbox, rel_path)
+        if st is None:
+            return "gone"
+        size, mtime_ns, ctime_ns, inode, device = identity
+        same = stat.S_ISREG(st.st_mode) and (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_ino,
+            st.st_dev,
+        ) == (size, mtime_ns, ctime_ns, inode, device)
+        return "present" if same else "changed"
+
     def identity_matches(self, rel_path: str, identity: tuple[int | None, ...]) -> bool:
-        size, mtime_ns, inode, device = identity
-        if size is None or mtime_ns is None or inode is None or device is None:
+        """:meth:`source_state` is ``present``; any doubt (an error, a link) is False."""
+        if any(part is None for part in identity):
             return False
-        return file_identity_matches(
-            self.layout.inbox, rel_path, size=size, mtime_ns=mtime_ns, inode=inode, device=device
-        )
+        try:
+            return self.source_state(rel_path, identity) == "present"
+        except OSError:
+            return False
 
     def place_output(self, staged: Path, out_rel: str) -> None:
         place(staged, self.layout.outbox, out_rel)
 
     def dispose_input(
-        self, rel_path: str, identity: tuple[int | None, ...], *, sha256: str | None = None
+        self,
+        rel_path: str,
+        sha256: str,
+        identity: tuple[int, int, int, int, int],
+        *,
+        held_as: str | None,
+        hold: Callable[[str | None], None],
     ) -> str:
-        """Archive, delete or keep the input after its output is durable. An input that
-        changed since it was admitted is new content: it is left for the watcher."""
+        """Archive, delete or keep an input after its output is durable, but only if what
+        is on disk at that moment is the content (``sha256``) the output was made from.
+
+        The input is first renamed to a private name in its own folder (``hold`` records
+        that name before the rename, so a crash finds it again: pass it back as
+        ``held_as``), then checked on an open descriptor: a save to the input's name from
+        then on makes a new file, which is not touched. Content that is not ``sha256`` is
+        put back under its name (or ``name~2.ext``… if a new file took it meanwhile),
+        never archived or deleted. Returns ``kept``, ``deleted``, ``archived:<rel>``,
+        ``gone`` or ``changed:<rel it was put back as>``. Raises OSError when a step fails
+        (EACCES, EPERM, ENOSPC): nothing is lost, and calling again resumes."""
         if self.on_success == "keep":
             return "kept"
-        if not self.identity_matches(rel_path, identity):
-            return "changed_or_gone"
-        if self.on_success == "delete":
-            return "deleted" if delete_input(self.layout.inbox, rel_path) else "gone"
-        moved = move_in(
-            self.layout.inbox,
-            rel_path,
-            self.layout.archive,
-            numbered_candidates(rel_path),
-            sha256=sha256,
-        )
+        inbox = self.layout.inbox
+        rel = PurePosixPath(rel_path)
+        try:
+            dir_fd = open_dir_nofollow(inbox, str(rel.parent))
+        except FileNotFoundError:
+            return "gone"
+        with _dir(dir_fd):
+            held = PurePosixPath(held_as).name if held_as is not None else None
+            if held is None or not _exists(held, dir_fd):
+                try:
+                    st = os.stat(rel.name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return "gone"
+                signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                if not stat.S_ISREG(st.st_mode) or signature != identity:
+                    return f"changed:{rel_path}"  # other content (or a link, a folder): not ours
+                held_as = held_rel(rel_path, secrets.token_hex(8))
+                held = PurePosixPath(held_as).name
+                hold(held_as)
+                try:
+                    os.rename(rel.name, held, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except FileNotFoundError:
+                    return "gone"
+            assert held_as is not None
+            if _sha256_at(held, dir_fd) != sha256:
+                return f"changed:{_put_back(dir_fd, held, rel_path)}"
+            try:
+                if self.on_success == "delete":
+                    os.unlink(held, dir_fd=dir_fd)
+                    fsync_dir(dir_fd)
+                    return "deleted"
+                moved = move_in(
+                    inbox, held_as, self.layout.archive, numbered_candidates(rel_path), sha256=sha256
+                )
+            except OSError:
+                # Not under a private name while it waits for the next try (EACCES, a full
+                # archive): the user sees the file where it was.
+                with contextlib.suppress(OSError):
+                    _put_back(dir_fd, held, rel_path)
+                raise
         return "gone" if moved is None else f"archived:{moved}"
 
     def quarantine_input(

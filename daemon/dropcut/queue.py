@@ -6,8 +6,15 @@ re-read, never trusted from memory. All calls are made from the daemon's event-l
 (``dropcut status`` and ``dropcut retry`` open their own connection from another process).
 
 States: ``queued`` → ``inflight`` → ``published`` (output durable, input not yet moved) →
-``done``; or ``quarantined``. A job found ``inflight`` at start was interrupted by a crash
-and goes back to ``queued``; a ``published`` one finishes its input move.
+``done``; or ``quarantining`` → ``quarantined``; or ``cancelled`` (the file was deleted or
+replaced before a request was spent on it). A job found ``inflight`` at start was
+interrupted by a crash and goes back to ``queued``; a ``published`` one finishes its input
+move.
+
+A file's *signature* is what a stat says of it: size, mtime, ctime and inode. A file seen
+again with the same signature is not read again. The ctime is part of it because nobody
+can set it: a copy that keeps the mtime (``cp -p``, Windows and SMB copies) of other
+content in place still gets a new ctime, so it is read and hashed again.
 
 ``seq`` is the admission order: it is set on insert and bumped again whenever a finished
 job is admitted anew (the same content dropped again at the same path), always above every
@@ -17,6 +24,7 @@ other job's. ``id`` is the row's identity only: a re-admitted job keeps its old,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -47,7 +55,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_rel TEXT,
     error TEXT,
     history TEXT NOT NULL DEFAULT '[]',
-    seq INTEGER NOT NULL DEFAULT 0
+    seq INTEGER NOT NULL DEFAULT 0,
+    ctime_ns INTEGER NOT NULL DEFAULT 0,
+    held_as TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_path_sha ON jobs (rel_path, sha256);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
@@ -65,7 +75,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 ACTIVE_STATES = ("queued", "inflight", "published")
 SIGNATURE_CHUNK = 500  # paths per query in known_signatures (SQLite allows 999 parameters)
-STATES = ("queued", "inflight", "published", "done", "quarantining", "quarantined")
+STATES = ("queued", "inflight", "published", "done", "quarantining", "quarantined", "cancelled")
+# Jobs whose file is not in the inbox under its signature any more: a file seen again with
+# such a job's signature was put back (quarantine) or is new (cancelled), and is read again.
+GONE_STATES = ("quarantined", "cancelled")
+
+Signature = tuple[str, int, int, int, int]
+"""``(rel_path, size, mtime_ns, ctime_ns, inode)`` of a file as a stat saw it."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,13 @@ class Job:
     first_seen: float
     output_rel: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    ctime_ns: int = 0
+    held_as: str | None = None  # the private name its input was moved to for disposal
+
+    @property
+    def identity(self) -> tuple[int, int, int, int, int]:
+        """``(size, mtime_ns, ctime_ns, inode, device)`` of the file this job was made from."""
+        return (self.size, self.mtime_ns, self.ctime_ns, self.inode, self.device)
 
 
 # How outputs are named: the candidate names for an input, and the key two names collide
@@ -100,6 +123,7 @@ class NewJob:
     device: int
     format: str
     first_seen: float
+    ctime_ns: int = 0
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -117,6 +141,8 @@ def _job(row: sqlite3.Row) -> Job:
         first_seen=row["first_seen"],
         output_rel=row["output_rel"],
         history=json.loads(row["history"]),
+        ctime_ns=row["ctime_ns"],
+        held_as=row["held_as"],
     )
 
 
@@ -138,7 +164,15 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
     ``jobs.seq`` (admission order) did not exist before: it is added and numbered by
     ``first_seen`` — a re-admission set ``first_seen`` anew, so at any one path this is the
-    order of the drops — then ``id``."""
+    order of the drops — then ``id``.
+
+    ``jobs.ctime_ns`` (part of a file's signature) and ``jobs.held_as`` (the private name
+    of an input being disposed of) are added empty: an old job's file is read once more
+    at the next rescan, then recognised."""
+    for column, decl in (("ctime_ns", "INTEGER NOT NULL DEFAULT 0"), ("held_as", "TEXT")):
+        if column not in _columns(conn, "jobs"):
+            with contextlib.suppress(sqlite3.OperationalError):  # added by another process meanwhile
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
     if "seq" not in _columns(conn, "jobs"):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -207,39 +241,46 @@ class JobQueue:
 
     def recover(self) -> tuple[int, list[Job]]:
         """Requeue jobs interrupted in flight; return their count and the published ones
-        whose input move was not finished."""
+        whose input move was not finished.
+
+        A due time that lies in the future by more than the delay it was set with (the
+        wall clock was stepped back while dropcut was down) is brought back to now plus
+        that delay: a step of the clock never stalls the queue."""
         now = self._clock()
         with self._tx() as db:
             cur = db.execute("UPDATE jobs SET state='queued', updated_at=? WHERE state='inflight'", (now,))
             requeued = cur.rowcount
+            db.execute(
+                "UPDATE jobs SET next_attempt_at = ? + MAX(0, next_attempt_at - updated_at), updated_at=? "
+                "WHERE state='queued' AND next_attempt_at > ? + MAX(0, next_attempt_at - updated_at)",
+                (now, now, now),
+            )
         rows = self._conn.execute("SELECT * FROM jobs WHERE state='published'").fetchall()
         return requeued, [_job(r) for r in rows]
 
     # --- admission ---------------------------------------------------------------
 
-    def known_signature(self, rel_path: str, size: int, mtime_ns: int, inode: int) -> str | None:
-        """State of the newest job for this path with this size, mtime and inode, if any:
-        a file seen again unchanged is not read again. Quarantined jobs do not count: a
-        quarantined file that is back in the inbox was put back to be tried again."""
-        row = self._conn.execute(
-            "SELECT state FROM jobs WHERE rel_path=? AND size=? AND mtime_ns=? AND inode=? "
-            "AND state != 'quarantined' ORDER BY seq DESC, id DESC LIMIT 1",
-            (rel_path, size, mtime_ns, inode),
-        ).fetchone()
-        return None if row is None else str(row["state"])
+    def known_signature(
+        self, rel_path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int
+    ) -> str | None:
+        """State of the newest job for this path with this signature, if any: a file seen
+        again unchanged is not read again. Quarantined and cancelled jobs do not count: a
+        file back in the inbox with their signature was put back to be tried again."""
+        return self.known_signatures([(rel_path, size, mtime_ns, ctime_ns, inode)])[
+            (rel_path, size, mtime_ns, ctime_ns, inode)
+        ]
 
-    def known_signatures(
-        self, files: Sequence[tuple[str, int, int, int]]
-    ) -> dict[tuple[str, int, int, int], str | None]:
-        """:meth:`known_signature` for many ``(rel_path, size, mtime_ns, inode)`` at once:
-        one query per ``SIGNATURE_CHUNK`` paths instead of one per file."""
-        found: dict[tuple[str, int, int, int], tuple[tuple[int, int], str]] = {}
-        columns = "seq, id, rel_path, size, mtime_ns, inode, state"
+    def known_signatures(self, files: Sequence[Signature]) -> dict[Signature, str | None]:
+        """:meth:`known_signature` for many :data:`Signature` s at once: one query per
+        ``SIGNATURE_CHUNK`` paths instead of one per file."""
+        found: dict[Signature, tuple[tuple[int, int], str]] = {}
+        columns = "seq, id, rel_path, size, mtime_ns, ctime_ns, inode, state"
         paths = [f[0] for f in files]
-        for seq, job_id, rel_path, size, mtime_ns, inode, state in _rows_at(
-            self._conn, columns, paths, where="state != 'quarantined'"
+        gone = ",".join(f"'{state}'" for state in GONE_STATES)
+        for seq, job_id, rel_path, size, mtime_ns, ctime_ns, inode, state in _rows_at(
+            self._conn, columns, paths, where=f"state NOT IN ({gone})"
         ):
-            key = (rel_path, size, mtime_ns, inode)
+            key = (rel_path, size, mtime_ns, ctime_ns, inode)
             best = found.get(key)
             if best is None or (seq, job_id) > best[0]:
                 found[key] = ((seq, job_id), str(state))
@@ -249,8 +290,15 @@ class JobQueue:
         self, jobs: Iterable[NewJob], *, requeue_done: bool, outputs: OutputRule | None = None
     ) -> list[tuple[NewJob, str]]:
         """Add admitted files; returns each with what happened: ``queued``, ``requeued``
-        (the same content at the same path was done before and comes again), or the state
-        of the existing job (``queued``/``inflight``… — a duplicate, nothing added).
+        (the same content at the same path was known and is to be done again), or the
+        state of the existing job (``queued``/``inflight``… — a duplicate, nothing added).
+
+        A known job is done again when its content comes back to its path after it was
+        quarantined or cancelled (put back: tried again, whatever ``on_success``), after it
+        was done (``requeue_done``: the input was archived or deleted, so this is a new
+        drop), or after it was done while other content was dropped at the path since
+        (with ``on_success = keep``: the outbox holds the other content's cut-out, and must
+        again hold this one's — republished from the result cache).
 
         With ``outputs`` (candidates, key) a new path also claims its output name here, in
         admission order, so that which of ``a.jpg`` and ``a.png`` gets ``a.png`` does not
@@ -265,18 +313,20 @@ class JobQueue:
         with self._tx() as db:
             seq = _next_seq(db)
             existing = self._jobs_at(db, [job.rel_path for job in todo])
+            newest = self._newest_at(db, [job.rel_path for job in todo])
             for job in todo:
                 key = (job.rel_path, job.sha256)
                 row = existing.get(key)
                 if row is None:
                     cur = db.execute(
-                        "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, inode, device, "
-                        "format, state, first_seen, updated_at, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, ctime_ns, inode, device, "
+                        "format, state, first_seen, updated_at, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                         (
                             job.rel_path,
                             job.sha256,
                             job.size,
                             job.mtime_ns,
+                            job.ctime_ns,
                             job.inode,
                             job.device,
                             job.format,
@@ -286,32 +336,40 @@ class JobQueue:
                             seq,
                         ),
                     )
-                    seq += 1
                     existing[key] = (int(cur.lastrowid or 0), "queued")
+                    newest[job.rel_path] = seq
+                    seq += 1
                     results.append((job, "queued"))
                     if outputs is not None:
                         self._claim_in(db, job.rel_path, *outputs)
                     continue
                 job_id, state = row
+                my_seq = int(db.execute("SELECT seq FROM jobs WHERE id=?", (job_id,)).fetchone()[0])
+                overtaken = newest.get(job.rel_path, my_seq) > my_seq
+                again = state in GONE_STATES or (state == "done" and (requeue_done or overtaken))
                 # Same content at the same path: remember the new signature so rescans
                 # recognise the file without reading it again. A new signature is a new
                 # drop: it is now the latest at its path (A, B, then A again while A is
                 # still pending: B's result must not win), so it takes a fresh seq.
-                signature = (job.size, job.mtime_ns, job.inode, job.device)
+                signature = (job.size, job.mtime_ns, job.ctime_ns, job.inode, job.device)
                 cur = db.execute(
-                    "UPDATE jobs SET size=?, mtime_ns=?, inode=?, device=?, seq=? WHERE id=? "
-                    "AND NOT (size=? AND mtime_ns=? AND inode=? AND device=?)",
+                    "UPDATE jobs SET size=?, mtime_ns=?, ctime_ns=?, inode=?, device=?, seq=? WHERE id=? "
+                    "AND NOT (size=? AND mtime_ns=? AND ctime_ns=? AND inode=? AND device=?)",
                     (*signature, seq, job_id, *signature),
                 )
-                seq += cur.rowcount
-                if state in ("done", "quarantined") and requeue_done:
+                if cur.rowcount:
+                    newest[job.rel_path] = seq
+                    seq += 1
+                if again:
                     # Admitted anew: it is now the latest drop at its path (newer than any
                     # job another content got there meanwhile), so it takes a fresh seq.
                     db.execute(
                         "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=0, "
-                        "first_seen=?, updated_at=?, error=NULL, history='[]', seq=? WHERE id=?",
+                        "first_seen=?, updated_at=?, error=NULL, history='[]', held_as=NULL, seq=? "
+                        "WHERE id=?",
                         (job.first_seen, now, seq, job_id),
                     )
+                    newest[job.rel_path] = seq
                     seq += 1
                     existing[key] = (job_id, "queued")
                     results.append((job, "requeued"))
@@ -320,6 +378,16 @@ class JobQueue:
                 else:
                     results.append((job, state))
         return results
+
+    @staticmethod
+    def _newest_at(db: sqlite3.Connection, rel_paths: Sequence[str]) -> dict[str, int]:
+        """The highest ``seq`` of the jobs at each of these paths that made or will make
+        its output (quarantined and cancelled jobs made none)."""
+        gone = ",".join(f"'{state}'" for state in GONE_STATES)
+        found: dict[str, int] = {}
+        for rel_path, seq in _rows_at(db, "rel_path, seq", rel_paths, where=f"state NOT IN ({gone})"):
+            found[str(rel_path)] = max(found.get(str(rel_path), 0), int(seq))
+        return found
 
     @staticmethod
     def _jobs_at(db: sqlite3.Connection, rel_paths: Sequence[str]) -> dict[tuple[str, str], tuple[int, str]]:
@@ -356,7 +424,8 @@ class JobQueue:
         re-admitted for content dropped again keeps its old id."""
         row = self._conn.execute(
             "SELECT 1 FROM jobs AS me JOIN jobs AS other ON other.rel_path = me.rel_path "
-            "WHERE me.id=? AND other.seq > me.seq AND other.state != 'quarantined' LIMIT 1",
+            "WHERE me.id=? AND other.seq > me.seq "
+            "AND other.state NOT IN ('quarantined', 'cancelled') LIMIT 1",
             (job.id,),
         ).fetchone()
         return row is not None
@@ -414,7 +483,32 @@ class JobQueue:
 
     def mark_done(self, job_id: int) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state='done', updated_at=? WHERE id=?", (self._clock(), job_id))
+            db.execute(
+                "UPDATE jobs SET state='done', held_as=NULL, updated_at=? WHERE id=?", (self._clock(), job_id)
+            )
+
+    def set_held(self, job_id: int, held_as: str | None) -> None:
+        """Record (before the rename) the private name a published job's input is moved to
+        while it is checked and disposed of, so a crash in between finds it again."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET held_as=? WHERE id=?", (held_as, job_id))
+
+    def cancel(self, job_id: int, reason: dict[str, Any]) -> None:
+        """The job's file was deleted or replaced before its output was written: no output,
+        and no further request (``reason`` is kept as its error)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state='cancelled', updated_at=?, error=? WHERE id=?",
+                (self._clock(), json.dumps(reason), job_id),
+            )
+
+    def postpone(self, job_id: int, *, at: float) -> None:
+        """Back to the queue untouched until ``at`` (no attempt counted, nothing recorded)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state='queued', next_attempt_at=?, updated_at=? WHERE id=?",
+                (at, self._clock(), job_id),
+            )
 
     def mark_quarantining(self, job_id: int, error: dict[str, Any], entry: dict[str, Any] | None) -> None:
         """The move to quarantine is about to start (finished by ``finish_pending`` after a
@@ -447,8 +541,8 @@ class JobQueue:
         now = self._clock()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, inode, device, format, "
-                "state, first_seen, updated_at, error, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, ctime_ns, inode, device, format, "
+                "state, first_seen, updated_at, error, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (rel_path, sha256) DO UPDATE SET state=excluded.state, "
                 "updated_at=excluded.updated_at, error=excluded.error, seq=excluded.seq",
                 (
@@ -456,6 +550,7 @@ class JobQueue:
                     job.sha256,
                     job.size,
                     job.mtime_ns,
+                    job.ctime_ns,
                     job.inode,
                     job.device,
                     job.format,

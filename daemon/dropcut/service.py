@@ -33,12 +33,13 @@ from dropcut import __version__
 from dropcut.admit import Admission
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
+from dropcut.clock import RunClock
 from dropcut.dispatch import Dispatcher
 from dropcut.logs import Redactor, set_log_level
 from dropcut.pace import Pacer
 from dropcut.paths import Layout
 from dropcut.publish import Publisher
-from dropcut.queue import JobQueue
+from dropcut.queue import JobQueue, connect
 from dropcut.settings import ConfigError, Settings, load_settings
 from dropcut.settle import is_ignored_dir
 from dropcut.systemd import Notifier
@@ -164,7 +165,9 @@ class Daemon:
         self._transport = transport
         self._observer_factory = observer_factory
         self._mountinfo = mountinfo
-        self._clock = clock
+        # Wall-clock seconds that never step within this run (stored times stay wall-clock
+        # times): a clock stepped back must not stall the pacer, the holds and the retries.
+        self._clock = RunClock(wall=clock)
         self._log = structlog.get_logger()
         self._stop_requested = False
         self._reload_requested = False
@@ -228,7 +231,8 @@ class Daemon:
         if key is None:
             raise ConfigError("no API key")
         self._redactor.set_secrets(key.get_secret_value())
-        self.queue = JobQueue.open(self.layout.database)
+        self._api_key = key
+        self.queue = JobQueue(connect(self.layout.database), clock=self._clock)
         requeued, published = self.queue.recover()
         self.publisher = Publisher(self.layout, on_success=s.on_success, clock=self._clock)
         swept = self.publisher.prepare()
@@ -259,6 +263,7 @@ class Daemon:
             publisher=self.publisher,
             cache=self.cache,
             clock=self._clock,
+            notice=lambda rel_path: self.admission.notice(rel_path),
         )
         # Input moves and quarantines a crash interrupted; one that fails (EPERM, a full
         # disk) is reported and waits for a later rescan, it never stops the start.
@@ -293,6 +298,7 @@ class Daemon:
             self.admission.settle_loop(),
             *(self.admission.inspect_loop() for _ in range(INSPECTORS)),
             self.dispatcher.credit_loop(),
+            self.dispatcher.condition_loop(),
             self._rescan_loop(),
             self._health_loop(),
             self._heartbeat(),
@@ -525,7 +531,9 @@ class Daemon:
             # Every key not in RESTART_KEYS must be put in force here (or be read from
             # ``settings`` at each use by the daemon, dispatcher or admission).
             old, self.settings = self.settings, new
-            self._redactor.set_secrets(key.get_secret_value())
+            # (the old key too: a request still in flight was sent with it)
+            self._redactor.set_secrets(key.get_secret_value(), self._api_key.get_secret_value())
+            self._api_key = key
             self.client.set_api_key(key)
             self.publisher.on_success = new.on_success
             self.cache.max_bytes = new.result_cache_bytes

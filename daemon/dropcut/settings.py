@@ -7,8 +7,10 @@ Loading never touches the folders; :func:`startup_problems` checks them for ``ru
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -58,6 +60,63 @@ RESTART_KEYS = (
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message is one line for the admin."""
+
+
+_ASCII_SPACE = " \t\r\n\v\f"
+
+
+class ApiKeyError(ConfigError):
+    """The API key cannot be sent as an HTTP header value.
+
+    The message names where the key came from and what is wrong, never the key or any part
+    of it. ``fragments`` holds the key's runs of visible characters (the pieces that an
+    HTTP library would quote back in its error text) so that a caller can still scrub
+    them from what it shows (``dropcut status`` does); it is never part of ``str()`` or
+    ``repr()``.
+    """
+
+    def __init__(self, message: str, fragments: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.fragments = fragments
+
+
+def _env_has(env: Mapping[str, str], name: str) -> bool:
+    # pydantic-settings matches DROPCUT_* names case-insensitively
+    return any(key.upper() == name and value.strip() for key, value in env.items())
+
+
+def check_api_key(text: str, source: str) -> SecretStr:
+    """``text`` (already stripped of surrounding whitespace) as the API key, if every
+    character may appear in the ``X-API-Key`` header.
+
+    Rule: visible US-ASCII only (``!`` to ``~``, 0x21-0x7E), i.e. RFC 9110 section 5.5
+    ``field-vchar`` without ``obs-text`` (bytes 0x80-0xFF, which RFC 9110 leaves to be
+    treated as opaque and httpx refuses to encode from ``str``) and without the spaces and
+    tabs RFC 9110 would allow inside a value (no key has them: they come from a comment or
+    a second word pasted into the file). Control characters, line breaks in particular,
+    are what h11 refuses ("Illegal header value"), quoting the whole value.
+
+    Raises:
+        ApiKeyError: with ``source`` (``api_key``, ``DROPCUT_API_KEY``, ``api_key_file
+            PATH``, ``systemd credential …``) and the kind of character found, never the
+            key; its ``fragments`` are the key's runs of visible characters.
+    """
+    if all("!" <= ch <= "~" for ch in text):
+        return SecretStr(text)
+    if any(ch in "\r\n" for ch in text):
+        problem = "more than one line (the key must be alone on one line, without comments)"
+    elif any(ch in " \t" for ch in text):
+        problem = "a space or tab inside it"
+    elif any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        problem = "a control character"
+    else:
+        problem = "a character that is not ASCII"
+    fragments = tuple(part for part in re.split(r"[^!-~]+", text) if part)
+    raise ApiKeyError(
+        f"the API key from {source} has {problem}: an HTTP header value may hold only "
+        "visible ASCII characters (RFC 9110)",
+        fragments,
+    )
 
 
 def _default_state_dir() -> Path:
@@ -111,6 +170,8 @@ class Settings(BaseSettings):
     # files
     max_file_bytes: PositiveInt = 10 * 1024 * 1024
     max_pixels: PositiveInt = 100_000_000
+    decode_timeout_seconds: Positive = 10.0  # = inspect.DEFAULT_DECODE_TIMEOUT_SECONDS
+    max_decode_bytes: PositiveInt = 32 * 1024 * 1024  # = inspect.DEFAULT_MAX_DECODE_BYTES
     on_success: Literal["archive", "delete", "keep"] = "archive"
     result_cache_bytes: Annotated[int, Field(ge=0)] = 1024**3
 
@@ -151,25 +212,45 @@ class Settings(BaseSettings):
 
     # --- derived values -------------------------------------------------------------
 
-    def resolve_api_key(self, environ: dict[str, str] | None = None) -> SecretStr | None:
-        """The key from ``api_key``, else ``api_key_file``, else the systemd credential."""
+    def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> SecretStr | None:
+        """The key from ``api_key`` (TOML or ``DROPCUT_API_KEY``), else ``api_key_file``,
+        else the systemd credential ``$CREDENTIALS_DIRECTORY/dropcut-api-key``; ``None``
+        when none of them holds one.
+
+        Surrounding whitespace (a file's trailing newline, a Windows ``\\r\\n``) and a leading
+        UTF-8 byte order mark in a file are dropped; what is left must be usable as an HTTP
+        header value (see :func:`check_api_key`).
+
+        Raises:
+            ApiKeyError: the key that would be used holds a line break, a space, a control
+                character or a non-ASCII character; the message names the source and the
+                problem, never the key.
+            ConfigError: a key file exists but cannot be read.
+        """
         env = os.environ if environ is None else environ
-        if self.api_key is not None and self.api_key.get_secret_value().strip():
-            return SecretStr(self.api_key.get_secret_value().strip())
-        candidates: list[Path] = []
+        if self.api_key is not None:
+            text = self.api_key.get_secret_value().strip(_ASCII_SPACE)
+            if text:
+                source = "DROPCUT_API_KEY" if _env_has(env, "DROPCUT_API_KEY") else "api_key"
+                return check_api_key(text, source)
+        candidates: list[tuple[Path, str]] = []
         if self.api_key_file is not None:
-            candidates.append(self.api_key_file)
+            candidates.append((self.api_key_file, f"api_key_file {self.api_key_file}"))
         if env.get("CREDENTIALS_DIRECTORY"):
-            candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)
-        for path in candidates:
+            path = Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
+            candidates.append((path, f"systemd credential {CREDENTIAL_NAME} ({path})"))
+        for path, source in candidates:
             try:
-                text = path.read_text(encoding="utf-8").strip()
+                raw = path.read_bytes()
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from None
-            if text:
-                return SecretStr(text)
+            raw = raw.removeprefix(b"\xef\xbb\xbf").strip(_ASCII_SPACE.encode())
+            if raw:
+                # latin-1 maps each byte to one character: a non-ASCII byte stays non-ASCII
+                # (and is refused) instead of failing to decode
+                return check_api_key(raw.decode("latin-1"), source)
         return None
 
     def redacted(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from fnmatch import fnmatchcase
 __all__ = [
     "DEFAULT_IGNORE_DIRS",
     "DEFAULT_IGNORE_PATTERNS",
+    "SIDE_FILE_PATTERNS",
     "CorruptVerdict",
     "FirstFailure",
     "Seen",
@@ -36,7 +37,7 @@ __all__ = [
 # Ignore rules
 # ---------------------------------------------------------------------------------------
 
-DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
+_TEMP_AND_SYSTEM_PATTERNS: tuple[str, ...] = (
     # Hidden files: macOS AppleDouble "._x" and ".DS_Store", Syncthing ".syncthing.x.tmp",
     # rsync ".x.XXXXXX", Nextcloud ".x.~1a2b", LibreOffice ".~lock.x#", NFS ".nfsXXXX",
     # iCloud placeholders ".x.icloud", Dropbox ".dropbox" ...
@@ -61,7 +62,23 @@ DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
     "*.swp",  # vim
     "*.ocTransferId*.part",  # ownCloud/Nextcloud WebDAV upload parts (also *.part)
 )
-"""File-name patterns (case-insensitive fnmatch on the last path component)."""
+
+SIDE_FILE_PATTERNS: tuple[str, ...] = (
+    # Files that travel beside a photo and describe it; they are not images, and
+    # quarantining them would also separate them from their photo.
+    "*.xmp",  # XMP sidecars: Lightroom, Camera Raw, Bridge, darktable ("x.jpg.xmp"), digiKam
+    "*.aae",  # iOS / macOS Photos edit instructions ("IMG_0001.AAE")
+    "*.thm",  # camera thumbnails beside videos and raws (Canon, GoPro)
+    "*:Zone.Identifier",  # Windows' "downloaded from" stream, a file of its own once copied off NTFS
+    "*.pp3",  # RawTherapee processing profiles
+    "*.dop",  # DxO PhotoLab
+    "*.on1",  # ON1 Photo RAW
+)
+"""Metadata side files, ignored by default (case-insensitive fnmatch on the name)."""
+
+DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = _TEMP_AND_SYSTEM_PATTERNS + SIDE_FILE_PATTERNS
+"""File-name patterns (case-insensitive fnmatch on the last path component): temporary
+names of sync tools and browsers, system droppings, and :data:`SIDE_FILE_PATTERNS`."""
 
 DEFAULT_IGNORE_DIRS: tuple[str, ...] = (
     # Any hidden directory is tool state, never user content; the named ones below are
@@ -123,9 +140,10 @@ def is_ignored(rel_path: str, patterns: Sequence[str], dirs: Sequence[str]) -> b
 
 
 def is_temp_name(name: str) -> bool:
-    """True if a bare file name matches :data:`DEFAULT_IGNORE_PATTERNS`, i.e. it looks like
-    something delivered under a temporary name (to be renamed later)."""
-    return _matches_any(name, DEFAULT_IGNORE_PATTERNS)
+    """True if a bare file name matches one of :data:`DEFAULT_IGNORE_PATTERNS` other than
+    the side files, i.e. it looks like something delivered under a temporary name (to be
+    renamed later) or a system dropping."""
+    return _matches_any(name, _TEMP_AND_SYSTEM_PATTERNS)
 
 
 # ---------------------------------------------------------------------------------------

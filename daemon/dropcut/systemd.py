@@ -362,6 +362,10 @@ class JournalRenderer:
     it. If journald cannot be reached the line goes to ``fallback`` (stderr) instead, so
     nothing is lost and logging never raises into the daemon.
 
+    ``scrub`` (``Redactor.scrub_text``) is applied to every field, and to the fallback
+    line, just before it leaves: the traceback this renderer formats from ``exc_info`` is
+    redacted like every other value.
+
     ``send`` is injectable for tests; by default ``systemd.journal.send`` (systemd-python),
     and without it the constructor raises ``JournalUnavailableError``. libsystemd drops
     entries silently when journald is not running, so when its socket is missing at
@@ -373,8 +377,10 @@ class JournalRenderer:
         send: Callable[..., None] | None = None,
         *,
         fallback: Callable[[str], None] | None = None,
+        scrub: Callable[[str], str] | None = None,
     ) -> None:
         self._journal_missing = False
+        self._scrub = scrub
         if send is None:
             if _sd_journal is None:
                 raise JournalUnavailableError(
@@ -394,6 +400,10 @@ class JournalRenderer:
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> NoReturn:
         fields: dict[str, Any] = dict(journal_fields(event_dict))
+        if self._scrub is not None:
+            # the last step: whatever journal_fields made of the event (a traceback it
+            # formatted, JSON of a dict) goes out redacted
+            fields = {key: self._scrub(value) for key, value in fields.items()}
         if "CODE_FILE" not in fields and "CODE_FUNC" not in fields:
             fields.update(_caller_code_fields())
         if "CODE_LINE" in fields:
@@ -407,7 +417,8 @@ class JournalRenderer:
         try:
             self._send(**fields)
         except Exception as exc:  # never let logging kill the caller
-            self._fallback(f"{fields['MESSAGE']} (journal send failed: {exc})")
+            line = f"{fields['MESSAGE']} (journal send failed: {exc})"
+            self._fallback(self._scrub(line) if self._scrub is not None else line)
         raise structlog.DropEvent
 
 

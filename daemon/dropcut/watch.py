@@ -32,6 +32,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, EventEmitter, EventQueue, ObservedWatch
 
+from dropcut.inspect import open_dir_nofollow
+
 # What dropcut listens to. Leaving out opens, read-only closes and deletes keeps inotify
 # from reporting dropcut's own reads of the inbox (several per file), which watchdog would
 # parse in Python only for the handler to drop them.
@@ -130,26 +132,66 @@ def detect_mode(
     return mode, reason, fstype
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    name: str
+    is_dir: bool
+    lstat: os.stat_result | None  # None unless asked for, or if it failed
+
+
+def _list_dir(root: Path, rel_dir: str, *, lstat: bool = False) -> tuple[os.stat_result, list[_Entry]]:
+    """fstat and entries of ``root/rel_dir``, opened component by component with
+    ``O_NOFOLLOW | O_DIRECTORY`` relative to the parent's fd and listed through that fd
+    (``os.scandir(fd)``): a folder swapped for a link after it was seen is never listed.
+    Each entry's kind (and with ``lstat=True`` its lstat) is taken relative to that fd,
+    while it is open; an entry whose kind cannot be read is left out.  Raises OSError
+    (ELOOP or ENOTDIR for a link or a file there now, ENOENT...) or ValueError for a
+    ``rel_dir`` that is not a plain relative path."""
+    fd = open_dir_nofollow(root, rel_dir)
+    try:
+        st = os.fstat(fd)
+        out: list[_Entry] = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                try:
+                    if lstat:
+                        est = entry.stat(follow_symlinks=False)
+                        out.append(_Entry(entry.name, stat.S_ISDIR(est.st_mode), est))
+                    else:
+                        out.append(_Entry(entry.name, entry.is_dir(follow_symlinks=False), None))
+                except OSError:
+                    continue
+        return st, out
+    finally:
+        os.close(fd)
+
+
+_NOT_A_FOLDER_NOW = (errno.ELOOP, errno.ENOTDIR)
+
+
 def scan(inbox: Path, skip_dir: Callable[[str], bool], rel_dir: str = "") -> Iterator[str]:
     """Every entry below ``inbox/rel_dir`` that is not a folder, as relative paths.
 
-    Never follows links: a linked folder is reported like a file (and then rejected by
-    inspect), never entered. Unreadable folders are skipped (they come back next scan).
+    Never follows links: each folder is opened relative to its parent without following
+    links and listed through that descriptor, so a folder swapped for a link between the
+    check (``skip_dir`` included) and the listing is reported like a file (and then
+    rejected by inspect), never entered. Unreadable folders are skipped (they come back
+    next scan).
     """
     stack = [rel_dir]
     while stack:
         current = stack.pop()
         try:
-            entries = list(os.scandir(inbox / current if current else inbox))
-        except OSError:
+            _, entries = _list_dir(inbox, current)
+        except OSError as exc:
+            if current and exc.errno in _NOT_A_FOLDER_NOW:
+                yield current  # a link (or a file) now: inspect says what it is
+            continue
+        except ValueError:
             continue
         for entry in entries:
             rel = f"{current}/{entry.name}" if current else entry.name
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError:
-                continue
-            if is_dir:
+            if entry.is_dir:
                 if not skip_dir(rel):
                     stack.append(rel)
             else:
@@ -193,7 +235,8 @@ class FolderPollEmitter(EventEmitter):
     at every poll: for 10,000 files about 0.2 s of CPU per poll, 4 % of a core at a 5 s
     interval. This reports the same creations and changes (a file rewritten in place
     included) for a fraction of that. Never follows links: entries are lstat'ed and only
-    real folders are entered.
+    real folders are entered, each opened relative to its parent without following links
+    and listed through that descriptor (see :func:`_list_dir`).
     """
 
     def __init__(
@@ -212,34 +255,32 @@ class FolderPollEmitter(EventEmitter):
         self._list(os.fsdecode(self.watch.path), report=False)
 
     def _list(self, folder: str, *, report: bool) -> None:
+        root = os.fsdecode(self.watch.path)
+        rel = "" if folder == root else folder[len(root) :].lstrip(os.sep)
         try:
-            st = os.lstat(folder)
-            if not stat.S_ISDIR(st.st_mode):
-                raise NotADirectoryError(folder)
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError:
+            st, entries = _list_dir(Path(root), rel, lstat=True)
+        except (OSError, ValueError):
             self._folders.pop(folder, None)
             return
         old = self._folders.get(folder, (0, {}))[1]
         new: dict[str, tuple[int, int, bool]] = {}
         for entry in entries:
-            try:
-                est = entry.stat(follow_symlinks=False)
-            except OSError:
+            est = entry.lstat
+            if est is None:
                 continue
-            is_dir = stat.S_ISDIR(est.st_mode)
+            is_dir = entry.is_dir
             new[entry.name] = (est.st_size, est.st_mtime_ns, is_dir)
-            if is_dir and entry.path not in self._folders:
+            path = os.path.join(folder, entry.name)  # entries listed through an fd have no path
+            if is_dir and path not in self._folders:
                 if report:
-                    self.queue_event(DirCreatedEvent(entry.path))
-                self._list(entry.path, report=report)
+                    self.queue_event(DirCreatedEvent(path))
+                self._list(path, report=report)
             elif report and not is_dir:
                 before = old.get(entry.name)
                 if before is None:
-                    self.queue_event(FileCreatedEvent(entry.path))
+                    self.queue_event(FileCreatedEvent(path))
                 elif before != new[entry.name]:
-                    self.queue_event(FileModifiedEvent(entry.path))
+                    self.queue_event(FileModifiedEvent(path))
         self._folders[folder] = (st.st_mtime_ns, new)
 
     def queue_events(self, timeout: float) -> None:

@@ -11,6 +11,8 @@ import signal
 import threading
 import time
 
+from dropcut.harden import disable_core_dumps
+
 
 def start(daemon_pid: int) -> None:
     """In an inspection worker process: end when the daemon ends, even a SIGKILLed one
@@ -18,6 +20,7 @@ def start(daemon_pid: int) -> None:
     tracker hold each other's pipes open); and leave Ctrl-C to the daemon, which stops the
     pool itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    disable_core_dumps()  # (an exec made this process dumpable again)
     threading.Thread(target=_exit_with, args=(daemon_pid,), name="dropcut-daemon-watch", daemon=True).start()
 
 
