@@ -48,6 +48,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import SecretStr
 
 from dropcut import __version__
+from dropcut.decode import DecodeFailure, check_decodes
 from dropcut.judge import BodyProblem, Outcome, TransportError, flatten_detail, transport_error_kind
 
 REMOVE_PATH = "/v1.0/image-without-background"
@@ -142,9 +143,10 @@ def check_answer(
     header says ``expected_size`` = (width, height) in pixels (when None: at most
     ``max_pixels`` pixels), whose mode is one ``expected`` accepts (RGBA for a cut-out; L,
     LA or RGBA for a matte) and which Pillow then decodes completely. Size and mode are
-    read from the header before any pixel is decoded, so decoding costs at most the memory
-    of an image of the expected size (4 bytes a pixel). Blocking (reads and decodes the
-    file): call it in a thread from async code.
+    read from the header before any pixel is decoded; the decode itself holds at most
+    ``max_decode_bytes`` (:func:`dropcut.decode.check_decodes`: a larger PNG is checked by
+    inflating its image data piece by piece), and takes at most its time budget. Blocking
+    (reads and decodes the file): call it in a thread from async code.
     """
     structural = png_problem(path)
     if structural is not None:
@@ -170,7 +172,11 @@ def check_answer(
                     return AnswerProblem(
                         BodyProblem.WRONG_MODE, f"mode {img.mode}, expected {' or '.join(accepted)}"
                     )
-                img.load()
+        # Decoded completely, in bounded memory: a large answer has its image data
+        # inflated piece by piece and checked (dropcut.decode), not held whole.
+        decoded = check_decodes(path, "PNG", max_pixels)
+        if isinstance(decoded, DecodeFailure):
+            return AnswerProblem(BodyProblem.UNDECODABLE, decoded.detail[:200])
     except Image.DecompressionBombError as err:
         return AnswerProblem(BodyProblem.WRONG_SIZE, str(err)[:200])
     except UnidentifiedImageError:  # its message names the staging file
