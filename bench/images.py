@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import struct
+import subprocess
 import time
 import zlib
 from functools import cache
@@ -139,3 +140,37 @@ def cached_large_files(count: int, low: int, high: int) -> list[Path]:
             (folder / f"large{i:02d}.jpg").write_bytes(large_jpeg(7000 + i, target))
         marker.write_text(f"{count} files\n")
     return sorted(folder.glob("*.jpg"))
+
+
+MATE_PHOTO = "usr/share/backgrounds/mate/abstract/Elephants_5640x3172.jpg"
+
+
+def _real_source() -> Path:
+    """A real camera photograph (5640×3172, Debian's ``mate-backgrounds``): the installed
+    file, or the package fetched with ``apt-get download`` and unpacked under ``CACHE``."""
+    for root in (Path("/"), CACHE / "mate-backgrounds"):
+        if (root / MATE_PHOTO).is_file():
+            return root / MATE_PHOTO
+    folder = CACHE / "mate-backgrounds"
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", "mate-backgrounds"], cwd=folder, check=True, capture_output=True)
+    (deb,) = folder.glob("mate-backgrounds_*.deb")
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(folder)], check=True)
+    return folder / MATE_PHOTO
+
+
+def real_photo_jpeg(megapixels: int, variant: int = 0, quality: int = 92) -> Path:
+    """A real photograph resampled to about ``megapixels`` MP (3:2), as a camera JPEG;
+    ``variant`` changes a few pixels so every file has its own content. Cached."""
+    path = CACHE / f"photo-{megapixels}mp-{variant}-q{quality}.jpg"
+    if path.exists():
+        return path
+    width = int(math.sqrt(megapixels * 1e6 * 3 / 2))
+    height = width * 2 // 3
+    with Image.open(_real_source()) as src:
+        img = src.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    img.putpixel((variant % width, 0), (variant % 256, 0, 0))
+    tmp = path.with_suffix(".tmp")
+    img.save(tmp, format="JPEG", quality=quality)
+    tmp.replace(path)
+    return path

@@ -1,7 +1,7 @@
 """Run the benchmarks and print every table: ``python -m bench.run_all [NAME ...]``.
 
-NAME is any of rate, detect, backlog, large, idle (default: all, in that order; about 10
-minutes on a 2-core machine). The tables are also written to bench/results/ (one
+NAME is any of rate, detect, backlog, large, idle, matte, render (default: all, in that
+order; about 15 minutes on a 2-core machine). The tables are also written to bench/results/ (one
 ``<name>.md`` and ``<name>.json`` each, and ``summary.md`` for the whole run).
 """
 
@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-from bench import backlog, detect, idle, large, rate
+from bench import backlog, detect, idle, large, matte, rate, render
 from bench.common import RESULTS, machine, machine_line
 
 BENCHMARKS: dict[str, Callable[[], str]] = {
@@ -21,6 +21,8 @@ BENCHMARKS: dict[str, Callable[[], str]] = {
     "backlog": backlog.run,
     "large": large.run,
     "idle": idle.run,
+    "matte": matte.run,
+    "render": render.run,
 }
 
 

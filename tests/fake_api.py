@@ -178,7 +178,8 @@ class RequestRecord:
     was complete).  ``seq`` is the arrival rank.  ``status`` is the status sent, or 0 when the
     connection was dropped without an answer (``drop_next``).  ``sha256``/``filename``/
     ``size`` describe the multipart ``file`` part (None if there was none or the body was
-    not parsed because it was too large).  ``injected`` names the fault used, if any (the
+    not parsed because it was too large), ``image_size``/``image_format`` the image in it
+    (from its header; None when it is none).  ``injected`` names the fault used, if any (the
     name of the ``*_next`` method without ``_next``: ``"fail"``, ``"drop"``, ``"truncate"``,
     ``"garbage"``, ``"bad_encoding"``, ``"answer"``, ``"bad_png"``, ``"huge"``,
     ``"trickle"``, ``"redirect"``, ``"echo_key"``), or ``"redirect_all"``.
@@ -194,6 +195,8 @@ class RequestRecord:
     rate_limited: bool
     injected: str | None = None
     seq: int = 0
+    image_size: tuple[int, int] | None = None  # (width, height) of the uploaded image
+    image_format: str | None = None  # Pillow's format name of the uploaded image
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,17 @@ def _detect_format(data: bytes) -> str | None:
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
     return None
+
+
+def _image_fields(data: bytes | None) -> dict[str, Any]:
+    """``image_size`` and ``image_format`` of an upload, from its header (for records)."""
+    if not data:
+        return {}
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return {"image_size": im.size, "image_format": im.format}
+    except Exception:
+        return {}
 
 
 def _decode(data: bytes) -> Image.Image | None:
@@ -743,6 +757,7 @@ class _Handler(BaseHTTPRequestHandler):
                 rate_limited=adm.rate_limited,
                 injected=adm.fault.kind if adm.fault else None,
                 seq=adm.seq,
+                **_image_fields(data),
             )
         )
         self._emit(reply, close=not drained)

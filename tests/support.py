@@ -72,6 +72,9 @@ class Folders:
             "state_dir": self.state,
             "api_url": api_url,
             "api_key": API_KEY,
+            # The pipeline's tests send the file as it is: what the fake received is the
+            # input (its sha256, its name). The matte path has its own tests (test_matte.py).
+            "api_mode": "cutout",
             "debounce_seconds": 0.2,
             "corrupt_grace_seconds": 0.0,
             "watch_mode": "native",

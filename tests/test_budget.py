@@ -209,3 +209,43 @@ def test_jpeg_coefficient_bytes(
     layers: list[tuple[int, int, int, int]], w: int, h: int, expected: int
 ) -> None:
     assert decode._jpeg_coefficient_bytes(layers, w, h) == expected
+
+
+def _interlaced_rgba_png(path: Path, width: int, height: int, bad_row: int | None) -> Path:
+    """An Adam7-interlaced RGBA PNG of zero pixels; with ``bad_row`` the row of that index
+    (counted over all passes) has filter type 7, which no decoder knows."""
+    import struct
+    import zlib
+
+    passes = decode._png_passes(width, height, 8, 6, True)
+    raw = bytearray(sum(row * rows for _, row, rows in passes))
+    if bad_row is not None:
+        starts = [start + i * row for start, row, rows in passes for i in range(rows)]
+        raw[starts[bad_row]] = 7
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 1)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(bytes(raw), 1))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize("bad_row", [None, 0, 700, -1])
+def test_an_interlaced_png_too_big_to_decode_has_its_row_filters_checked(
+    tmp_path: Path, bad_row: int | None
+) -> None:
+    """Issue 9 item 6, as an attack review found it: a 3000×3000 interlaced RGBA answer
+    (36 MB decoded: the streamed check) whose rows have an unknown filter type is not a
+    whole PNG, wherever the bad row is."""
+    path = _interlaced_rgba_png(tmp_path / "a.png", 3000, 3000, bad_row)
+    result = decode.check_decodes(path, "PNG")
+    if bad_row is None:
+        assert result == (3000, 3000)
+    else:
+        assert isinstance(result, decode.DecodeFailure) and "filter type" in result.detail

@@ -132,9 +132,7 @@ CUT = AnswerKind.CUTOUT
         pytest.param(_png_of("RGBA", SIZE), SIZE, CUT, None, id="rgba-right-size"),
         pytest.param(_png_of("RGBA", SIZE), None, CUT, None, id="rgba-size-unknown"),
         pytest.param(bad_png("iend_only", SIZE), SIZE, CUT, BodyProblem.UNDECODABLE, id="iend-only"),
-        pytest.param(
-            bad_png("broken_idat", SIZE), SIZE, CUT, BodyProblem.UNDECODABLE, id="broken-idat"
-        ),
+        pytest.param(bad_png("broken_idat", SIZE), SIZE, CUT, BodyProblem.UNDECODABLE, id="broken-idat"),
         pytest.param(bad_png("tiny", SIZE), SIZE, CUT, BodyProblem.WRONG_SIZE, id="1x1"),
         pytest.param(bad_png("wrong_size", SIZE), SIZE, CUT, BodyProblem.WRONG_SIZE, id="65x48"),
         pytest.param(_png_of("RGBA", (48, 64)), SIZE, CUT, BodyProblem.WRONG_SIZE, id="rotated"),
@@ -426,3 +424,31 @@ def test_no_prefix_of_the_key_survives_a_cut(server: FakeWithoutBG, tmp_path: Pa
         assert outcome.detail is not None
         assert not any(SECRET[:n] in outcome.detail for n in range(4, len(SECRET) + 1))
     assert raised.outcome.transport_error == TransportError.CONNECT
+
+
+@pytest.mark.parametrize("status", [413, 401, 503])
+def test_an_error_whose_body_cannot_be_inflated_keeps_its_status(
+    server: FakeWithoutBG, tmp_path: Path, status: int
+) -> None:
+    """An error body in an encoding the client does not inflate (br) is not read, but the
+    status still decides: a 413 quarantines, a 401 pauses, a 503 retries (before, every
+    such answer became a service-wide connection error)."""
+    server.answer_next(
+        1,
+        b"\x1b\x07\x00\xf8\xa5\x40",
+        status=status,
+        content_type="application/json",
+        headers={"Content-Encoding": "br"},
+    )
+    outcome = send(server, tmp_path).outcome
+    assert outcome.status == status and outcome.transport_error is None
+
+
+def test_a_credit_answer_echoing_the_key_stores_no_key(server: FakeWithoutBG) -> None:
+    """Issue 9 item 10: whatever a credit answer says is kept (the queue database) and
+    shown (status): the key is redacted from it too."""
+    body = json.dumps({"credit": 5, "expiration_date": f"2027-01-01 for {KEY}"}).encode()
+    server.answer_next(1, body, content_type="application/json", credit=True)
+    got = credit(server)
+    assert got.credit == 5 and got.expiration_date is not None and KEY not in got.expiration_date
+    assert "[redacted]" in got.expiration_date

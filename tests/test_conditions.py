@@ -186,3 +186,47 @@ def test_four_requests_failing_at_once_are_one_step_of_the_outage(folders: Folde
         first = [r for r in api.records() if r.status == 503]
         assert len(first) == 4 and max(r.arrived for r in first) - min(r.arrived for r in first) < 0.5
         assert streak == 1
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # (seconds the monotonic clock advanced, what the wall clock then says), in turn
+        ([(10.0, 1010.0)], [1010.0]),  # in step
+        ([(10.0, 1010.0), (1.0, 11.0)], [1010.0, 1011.0]),  # the wall set back 1000 s: ignored
+        ([(10.0, 5010.0), (1.0, 5011.0)], [5010.0, 5011.0]),  # set forward (NTP at boot): followed
+        ([(10.0, 1010.5)], [1010.0]),  # within a second: monotonic time wins (no jitter)
+    ],
+)
+def test_run_clock_never_goes_back_and_follows_a_forward_step(
+    steps: list[tuple[float, float]], expected: list[float]
+) -> None:
+    from dropcut.clock import RunClock
+
+    mono, wall = [0.0], [1000.0]
+    clock = RunClock(wall=lambda: wall[0], monotonic=lambda: mono[0])
+    got = []
+    for advance, wall_now in steps:
+        mono[0] += advance
+        wall[0] = wall_now
+        got.append(clock())
+    assert got == pytest.approx(expected)
+
+
+def test_an_unwritable_staging_folder_pauses_before_a_request_is_paid_for(
+    folders: Folders, api: FakeWithoutBG, immutable: list[Path]
+) -> None:
+    """The outbox is writable but its staging folder (left by a run as another user, or
+    made immutable) is not: every answer would be paid for and then lost. The queue pauses
+    before any request instead."""
+    staging = folders.outbox / ".dropcut-staging"
+    staging.mkdir(parents=True)
+    with InProcessDaemon(folders.settings(api.url, credit_check_interval_seconds=300.0)) as run:
+        make_immutable(immutable, staging)
+        drop(folders.inbox, "a.jpg", image_bytes(seed=1104))
+        paused = wait_for(lambda: run.logs.events("queue_paused"))[0]
+        assert paused["code"] == "outbox_unwritable" and ".dropcut-staging" in paused["detail"]
+        assert api.records() == [], "nothing paid for that could not be written"
+        subprocess.run(["chattr", "-i", str(staging)], check=True)
+        wait_for(lambda: (folders.outbox / "a.png").exists(), timeout=10)
+    assert not run.logs.events("job_failed")

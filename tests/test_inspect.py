@@ -284,8 +284,7 @@ def test_exactly_max_bytes_is_accepted(inbox: Path, spool: Path) -> None:
 
 UNSUPPORTED = [
     ("pdf", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "PDF document"),
-    ("heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
-    ("heif-mif1", b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
+    ("mp4", b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64), "MP4 video"),
     ("zip", b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(40), "ZIP archive"),
     ("text", b"hello, this is not an image\n", "text"),
     ("binary", b"\x00\x01\x02\x03\xfe\xfd" * 20, "unknown"),
@@ -304,6 +303,31 @@ def test_unsupported_format(inbox: Path, spool: Path, data: bytes, looks_like: s
     assert (result.status, result.code) == (415, "unsupported_format")
     assert f"looks like: {looks_like})" in result.detail
     assert result.sha256 == sha(data)
+    assert spool_names(spool) == []
+
+
+HEIF_HEADS = [  # content says HEIF/AVIF, but there is no image behind it
+    ("heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
+    ("heif-mif1", b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
+    ("avif", b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64), "AVIF"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "looks_like"), [(d, k) for _, d, k in HEIF_HEADS], ids=[i for i, _, _ in HEIF_HEADS]
+)
+def test_heif_and_avif_are_supported_formats_but_must_decode(
+    inbox: Path, spool: Path, data: bytes, looks_like: str
+) -> None:
+    (inbox / "photo.heic").write_bytes(data)
+    result = inspect(inbox, "photo.heic", spool)
+    assert isinstance(result, Refused)
+    assert (result.status, result.code) == (422, "corrupt_image")
+    # cutout mode uploads the file as it is: the API takes no HEIF/AVIF, refused first
+    cutout = inspect_file(inbox, "photo.heic", spool_dir=spool, max_bytes=MAX, api_formats_only=True)
+    assert isinstance(cutout, Refused)
+    assert (cutout.status, cutout.code) == (415, "unsupported_format")
+    assert f"a {looks_like} image" in cutout.detail and 'api_mode = "matte"' in cutout.detail
     assert spool_names(spool) == []
 
 
@@ -768,7 +792,16 @@ SNIFF = [
     ("bigtiff", b"II+\x00\x08\x00\x00\x00", None),
     ("gif-other-version", b"GIF90a", None),
     ("pdf", b"%PDF-1.4", None),
-    ("heic", b"\x00\x00\x00\x18ftypheic", None),
+    ("heic", b"\x00\x00\x00\x18ftypheic", "HEIF"),
+    ("heic-compat", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIF"),
+    ("heif-mif1", b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heic", "HEIF"),
+    ("avif", b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf", "AVIF"),
+    ("avif-sequence", b"\x00\x00\x00\x1cftypavis\x00\x00\x00\x00avisavifmif1", "AVIF"),
+    ("mif1-with-avif-compat", b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1avifmiaf", "AVIF"),
+    ("avif-brand-past-box-end", b"\x00\x00\x00\x14ftypmif1\x00\x00\x00\x00mif1avif", "HEIF"),
+    ("cr3-is-raw-not-heif", b"\x00\x00\x00\x18ftypcrx \x00\x00\x00\x01crx isom", None),
+    ("mp4", b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2", None),
+    ("ftyp-cut-short", b"\x00\x00\x00\x18ftyp", None),
     ("empty", b"", None),
 ]
 
@@ -783,6 +816,7 @@ DESCRIBE = [
     ("heic", b"\x00\x00\x00\x18ftypheic\x00\x00", "HEIC"),
     ("heif-mif1", b"\x00\x00\x00\x1cftypmif1\x00\x00", "HEIC"),
     ("avif", b"\x00\x00\x00\x1cftypavif\x00\x00", "AVIF"),
+    ("cr3", b"\x00\x00\x00\x18ftypcrx \x00\x00\x00\x01crx isom", "Canon CR3 raw"),
     ("mp4", b"\x00\x00\x00\x20ftypisom\x00\x00", "MP4 video"),
     ("mov", b"\x00\x00\x00\x14ftypqt  \x00\x00", "QuickTime video"),
     ("zip", b"PK\x03\x04\x14\x00", "ZIP archive"),

@@ -131,8 +131,8 @@ def write_config(path: Path, folders: Folders, api_url: str, **values: object) -
             continue  # None: the key is left out (its default)
         if isinstance(value, str | Path):
             lines.append(f"{key} = {json.dumps(str(value))}")
-        elif isinstance(value, list | tuple):
-            lines.append(f"{key} = {json.dumps(list(value))}")
+        elif isinstance(value, list | tuple | bool):
+            lines.append(f"{key} = {json.dumps(value if isinstance(value, bool) else list(value))}")
         else:
             lines.append(f"{key} = {value}")
     path.write_text("\n".join(lines) + "\n")
@@ -204,6 +204,9 @@ RELOADED: dict[str, object] = {
     "api_key_file": "<written by the test>",
     "rate_limit_requests": 9,
     "decode_timeout_seconds": 20.0,
+    "api_max_upload_bytes": 5000000,
+    "multi_frame": "quarantine",
+    "strip_gps": False,
     "max_decode_bytes": 16777216,
     "rate_limit_period_seconds": 2.0,
     "rate_limit_margin_seconds": 0.02,
@@ -254,6 +257,9 @@ def in_force(d: Daemon) -> dict[str, object]:
         "max_file_bytes": d.admission.settings.max_file_bytes,
         "max_pixels": d.admission.settings.max_pixels,
         "decode_timeout_seconds": d.admission.settings.decode_timeout_seconds,
+        "api_max_upload_bytes": d.admission.settings.api_max_upload_bytes,
+        "multi_frame": d.admission.settings.multi_frame,
+        "strip_gps": d.dispatcher.settings.strip_gps,
         "max_decode_bytes": d.admission.settings.max_decode_bytes,
         "on_success": d.publisher.on_success,
         "result_cache_bytes": d.cache.max_bytes,

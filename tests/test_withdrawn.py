@@ -229,3 +229,65 @@ def test_queue_recognises_a_preserved_mtime_copy_by_its_ctime(tmp_path: Path) ->
     queue.enqueue_many([job], requeue_done=True)
     assert queue.known_signature("a.jpg", 10, MTIME_NS, 111, 5) == "queued"
     assert queue.known_signature("a.jpg", 10, MTIME_NS, 222, 5) is None
+
+
+def test_a_held_input_left_by_a_crash_in_a_renamed_folder_gets_its_name_back(
+    folders: Folders, api: FakeWithoutBG
+) -> None:
+    """A crash right after an input was moved to its private name, then its folder renamed
+    while dropcut was down: the job cannot find it, but the rescan does, and no job holds
+    it any more: it is given its name back and processed, never left hidden."""
+    held = folders.inbox / "shoot-renamed" / ".dropcut-held-0123456789abcdef-a.jpg"
+    held.parent.mkdir()
+    held.write_bytes(X)
+    with InProcessDaemon(folders.settings(api.url)) as run:
+        restored = wait_for(lambda: run.logs.events("held_file_restored"))[0]
+        assert restored["file"] == "shoot-renamed/a.jpg"
+        wait_for(lambda: (folders.archive / "shoot-renamed" / "a.jpg").exists())
+    assert (folders.outbox / "shoot-renamed" / "a.png").exists()
+    assert not held.exists()
+
+
+def test_a_held_input_is_given_back_when_on_success_became_keep(folders: Folders) -> None:
+    from dropcut.paths import Layout
+    from dropcut.publish import Publisher
+
+    layout = Layout(folders.inbox, folders.outbox, folders.quarantine, folders.archive, folders.state)
+    publisher = Publisher(layout, on_success="keep", clock=lambda: 0.0)
+    held = folders.inbox / ".dropcut-held-0123456789abcdef-a.jpg"
+    held.write_bytes(X)
+    result = publisher.dispose_input(
+        "a.jpg", sha(X), identity_of(held), held_as=held.name, hold=lambda _: None
+    )
+    assert result == "kept"
+    assert sorted(p.name for p in folders.inbox.iterdir()) == ["a.jpg"]
+
+
+def test_quarantine_never_takes_a_file_saved_over_the_refused_one(folders: Folders) -> None:
+    """Issue 9 item 1, for quarantine: the file at the name is checked by its hash on a
+    private name before it is moved; other content goes back, and the spooled bytes that
+    were refused are quarantined instead."""
+    from dropcut.paths import Layout
+    from dropcut.publish import Publisher
+
+    layout = Layout(folders.inbox, folders.outbox, folders.quarantine, folders.archive, folders.state)
+    publisher = Publisher(layout, on_success="archive", clock=lambda: 0.0)
+    path = drop(folders.inbox, "a.jpg", Y)  # the user's corrected photo, saved at the last moment
+    spool = folders.state / "spool-x"
+    folders.state.mkdir(exist_ok=True)
+    spool.write_bytes(X)  # what the API refused
+    placed = publisher.quarantine_input(
+        rel_path="a.jpg",
+        sha256=sha(X),
+        size=len(X),
+        identity=identity_of(path),
+        error={"status": 422, "code": "invalid_image", "detail": "x", "source": "api"},
+        attempts=1,
+        first_seen=0.0,
+        history=[],
+        spool=spool,
+    )
+    assert placed == "a.jpg"
+    assert (folders.quarantine / "a.jpg").read_bytes() == X
+    assert path.read_bytes() == Y, "the new save stays in the inbox, to be tried"
+    assert sorted(p.name for p in folders.inbox.iterdir()) == ["a.jpg"]

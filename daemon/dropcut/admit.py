@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import heapq
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -44,17 +43,13 @@ from dropcut.settle import (
 
 TICK_SECONDS = 0.05
 GRACE_CODES_STATUS = (415, 422)  # may be a file still being written: looked at again once
-NO_GRACE_CODES = ("decode_too_slow", "too_many_scans")  # a hostile file is not read twice
+# not a file still being written: quarantined at once, not read twice
+NO_GRACE_CODES = ("decode_too_slow", "too_many_scans", "camera_raw", "multi_frame")
 DIR_CACHE = 65536  # folders whose ignore verdict is remembered
 SETTLE_BATCH = 2048  # candidates looked at per settle step (the loop stays responsive)
 INSPECT_BATCH = 256  # admitted files one inspector takes at once (one thread hop, one commit)
 POOL_MIN_BATCH = 64  # a batch this large (a backlog) is inspected in worker processes
 POOL_WORKERS = 2
-
-
-# In a worker process, what libraries say while inspecting (Pillow's warnings...) is
-# handed back to be logged here: the workers have no logging, their stderr is ours.
-_inspect_in_worker = functools.partial(insp.inspect_some, capture=True)
 
 
 def _about_file(rel: str) -> AbstractContextManager[object]:
@@ -84,6 +79,7 @@ class Admission:
         spool_dir: Path,
         on_queued: Callable[[], None],
         min_observations: int,
+        on_held: Callable[[str], None] = lambda rel_path: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -91,6 +87,7 @@ class Admission:
         self._publisher = publisher
         self._spool_dir = spool_dir
         self._on_queued = on_queued
+        self._on_held = on_held
         self._min_observations = min_observations
         self._clock = clock
         self._candidates: dict[str, _Candidate] = {}
@@ -114,6 +111,9 @@ class Admission:
 
     def notice(self, rel_path: str, *, due: float | None = None) -> None:
         """A path may have changed (called on the event loop)."""
+        if rel_path.rpartition("/")[2].startswith(HELD_PREFIX):
+            self._on_held(rel_path)  # one of ours: never admitted, maybe left by a crash
+            return
         if self._ignored(rel_path):
             self._log.debug("file_ignored", file=rel_path)
             return
@@ -145,7 +145,7 @@ class Admission:
         parent, _, name = rel_path.rpartition("/")
         if name in ("", "."):
             return is_ignored(rel_path, s.ignore_patterns, s.ignore_dirs)
-        if name.startswith(HELD_PREFIX) or is_ignored(name, s.ignore_patterns, ()):
+        if is_ignored(name, s.ignore_patterns, ()):
             return True
         ignored = self._dir_ignored.get(parent)
         if ignored is None:
@@ -295,24 +295,27 @@ class Admission:
                     s = self.settings
                     rels = [rel for rel, _ in batch]
                     args = (rels, s.inbox, self._spool_dir, s.max_file_bytes, s.max_pixels)
+                    cutout = s.api_mode == "cutout"  # the file goes as it is: the API's limits
+                    inspect = functools.partial(
+                        insp.inspect_some,
+                        decode_timeout=s.decode_timeout_seconds,
+                        max_decode_bytes=s.max_decode_bytes,
+                        max_upload_bytes=s.api_max_upload_bytes if cutout else None,
+                        multi_frame=s.multi_frame,
+                        api_formats_only=cutout,  # (the API takes no HEIC or AVIF)
+                    )
                     if len(batch) >= POOL_MIN_BATCH:
                         # A backlog: inspection is most of the CPU, and the GIL would keep
                         # it on one core. Two worker processes use the second one.
                         loop = asyncio.get_running_loop()
                         pool = self._process_pool()
-                        inspect = functools.partial(
-                            _inspect_in_worker,
-                            decode_timeout=s.decode_timeout_seconds,
-                            max_decode_bytes=s.max_decode_bytes,
-                        )
-                        results, notes = await loop.run_in_executor(pool, inspect, *args)
+                        # What libraries say there (Pillow's warnings...) is handed back to
+                        # be logged here: the workers have no logging, their stderr is ours.
+                        in_worker = functools.partial(inspect, capture=True)
+                        results, notes = await loop.run_in_executor(pool, in_worker, *args)
                     else:
                         results, notes = await asyncio.to_thread(
-                            insp.inspect_some,
-                            *args,
-                            per_file=_about_file,
-                            decode_timeout=s.decode_timeout_seconds,
-                            max_decode_bytes=s.max_decode_bytes,
+                            functools.partial(inspect, per_file=_about_file), *args
                         )
                     done, batch = batch[: len(results)], batch[len(results) :]
                     try:
@@ -325,16 +328,7 @@ class Admission:
 
     def _process_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            # forkserver: the workers are not forks of this threaded process (watchdog,
-            # asyncio) and inherit none of its file descriptors (the state lock). The
-            # workers watch the daemon and end with it (see dropcut.worker).
-            context = multiprocessing.get_context("forkserver")
-            self._pool = ProcessPoolExecutor(
-                max_workers=POOL_WORKERS,
-                mp_context=context,
-                initializer=worker.start,
-                initargs=(os.getpid(),),
-            )
+            self._pool = worker.pool(POOL_WORKERS)
         return self._pool
 
     def close(self) -> None:
@@ -415,7 +409,10 @@ class Admission:
                     format=result.format,
                     width=result.width,
                     height=result.height,
+                    frames=result.frames,
                 )
+                if result.frames > 1:  # (multi_frame = "first")
+                    log.info("frames_skipped", frames=result.frames, used=1)
                 return NewJob(
                     rel_path=rel,
                     sha256=result.sha256,
@@ -426,6 +423,7 @@ class Admission:
                     format=result.format,
                     first_seen=seen.first_seen,
                     ctime_ns=result.ctime_ns,
+                    frames=result.frames,
                 )
             case insp.Refused():
                 if (

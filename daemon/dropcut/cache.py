@@ -1,7 +1,11 @@
-"""The result cache: the PNG the API returned for each input sha256, kept in ``state_dir``.
+"""The result cache: the PNG the API returned for each input, kept in ``state_dir`` under
+its result key (:func:`dropcut.paths.result_key`: the input's sha256 for a cut-out, with
+the proxy's settings for a matte).
 
 The same content dropped again, under any name or folder, is published from here without
-a request. Bounded by ``result_cache_bytes``; the least recently used results go first.
+a request; a matte is cached before it is rendered, so a crash while rendering costs no
+second request. Bounded by ``result_cache_bytes``; the least recently used results go
+first.
 """
 
 from __future__ import annotations
@@ -24,24 +28,24 @@ class ResultCache:
             elif entry.is_file(follow_symlinks=False):
                 self._total += entry.stat(follow_symlinks=False).st_size
 
-    def path(self, sha256: str) -> Path:
-        return self.directory / f"{sha256}.png"
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.png"
 
-    def get(self, sha256: str) -> Path | None:
+    def get(self, key: str) -> Path | None:
         """The cached result, marked as used, or None."""
-        path = self.path(sha256)
+        path = self.path(key)
         try:
             os.utime(path)
         except FileNotFoundError:
             return None
         return path
 
-    def store(self, sha256: str, source: Path) -> None:
+    def store(self, key: str, source: Path) -> None:
         """Copy a finished, fsynced result into the cache (atomically), then evict."""
         if self.max_bytes <= 0:
             return
-        final = self.path(sha256)
-        tmp = self.directory / f"{sha256}.{os.getpid()}.tmp"
+        final = self.path(key)
+        tmp = self.directory / f"{key}.{os.getpid()}.tmp"
         copy_synced(source, tmp)  # (a full state_dir keeps no half copy)
         size = tmp.stat().st_size
         old = final.stat().st_size if final.exists() else 0

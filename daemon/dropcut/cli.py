@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 PR_GET_DUMPABLE = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # before the configuration (and with it the API key) is read
@@ -161,6 +163,10 @@ def _status_data(settings: Settings) -> dict[str, Any]:
     try:
         queue = JobQueue(conn)
         counts = queue.counts()
+        try:
+            frames_skipped = queue.frames_skipped()
+        except sqlite3.OperationalError:  # a database the daemon has not migrated yet
+            frames_skipped = 0
         paused = queue.get_meta("paused")
         credit = queue.get_meta("credit")
         row = conn.execute(
@@ -180,6 +186,7 @@ def _status_data(settings: Settings) -> dict[str, Any]:
         "database": str(db),
         "exists": True,
         "jobs": counts,
+        "frames_skipped": frames_skipped,
         "paused": paused,
         "credit": credit,
         "last_error": last_error,
@@ -204,9 +211,13 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     jobs = report["jobs"]
     print("jobs:  " + "  ".join(f"{state} {n}" for state, n in jobs.items()))
+    if report.get("frames_skipped"):
+        print(f"cut to their first frame (multi-page or animated): {report['frames_skipped']} files")
     paused = report["paused"]
     if paused:
         print(f"PAUSED since {_iso(paused.get('since'))}: {paused.get('code')} — {paused.get('detail')}")
+        if paused.get("location"):
+            print(f"  redirected to: {paused['location']} (check api_url)")
     else:
         print("running (not paused)")
     credit = report["credit"]

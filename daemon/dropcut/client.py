@@ -69,6 +69,8 @@ REDACTED = "[redacted]"
 
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
+    "HEIF": "image/heif",
+    "AVIF": "image/avif",
     "PNG": "image/png",
     "WEBP": "image/webp",
     "TIFF": "image/tiff",
@@ -184,6 +186,21 @@ def check_answer(
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
         return AnswerProblem(BodyProblem.UNDECODABLE, (str(err) or type(err).__name__)[:200])
     return None
+
+
+def _as_l_matte(path: Path) -> None:
+    """Rewrite a checked matte answer that came as LA or RGBA as its alpha channel, an
+    8-bit L PNG (fsynced); an L answer is left as it is."""
+    with Image.open(path) as img:
+        if img.mode == "L":
+            return
+        alpha = img.getchannel("A")
+    tmp = path.with_name(path.name + ".l")
+    with tmp.open("wb") as fh:
+        alpha.save(fh, format="PNG")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def png_problem(path: Path) -> BodyProblem | None:
@@ -348,9 +365,64 @@ class WithoutBG:
         The whole call, answer included, is bounded by the client's ``timeout``; after it
         the outcome is a :attr:`TransportError.DEADLINE`.
         """
+        return await self._post_image(
+            REMOVE_PATH,
+            AnswerKind.CUTOUT,
+            source,
+            filename=filename,
+            image_format=image_format,
+            dest=dest,
+            on_sent=on_sent,
+            expected_size=expected_size,
+        )
+
+    async def alpha_channel(
+        self,
+        source: Path,
+        *,
+        filename: str,
+        image_format: str,
+        dest: Path,
+        on_sent: Callable[[float], None],
+        expected_size: tuple[int, int],
+    ) -> Outcome:
+        """Upload the proxy ``source`` to ``POST /v1.0/alpha-channel``; on 200 the answer is
+        the alpha matte, an 8-bit one-channel PNG (255 = opaque) that must have the proxy's
+        ``expected_size`` = (width, height) in pixels. An L answer is kept as it is; the
+        alpha of an LA or RGBA answer is taken (``dest`` is rewritten as L). Everything else
+        as :meth:`remove_background`. Source of the contract: the API page
+        (``../shared/seeds/withoutbg-binary-endpoint.txt``) and its SDK."""
+        outcome = await self._post_image(
+            ALPHA_PATH,
+            AnswerKind.MATTE,
+            source,
+            filename=filename,
+            image_format=image_format,
+            dest=dest,
+            on_sent=on_sent,
+            expected_size=expected_size,
+        )
+        if outcome.status == 200 and outcome.body_problem is None:
+            await asyncio.to_thread(_as_l_matte, dest)
+        return outcome
+
+    async def _post_image(
+        self,
+        path: str,
+        kind: AnswerKind,
+        source: Path,
+        *,
+        filename: str,
+        image_format: str,
+        dest: Path,
+        on_sent: Callable[[float], None],
+        expected_size: tuple[int, int] | None,
+    ) -> Outcome:
         if expected_size is not None and min(expected_size) <= 0:
             expected_size = None
-        outcome = await self._remove_background(
+        outcome = await self._post(
+            path,
+            kind,
             source,
             filename=filename,
             image_format=image_format,
@@ -362,8 +434,10 @@ class WithoutBG:
             dest.unlink(missing_ok=True)
         return self._scrub(outcome)
 
-    async def _remove_background(
+    async def _post(
         self,
+        path: str,
+        kind: AnswerKind,
         source: Path,
         *,
         filename: str,
@@ -382,9 +456,10 @@ class WithoutBG:
         limit = answer_limit(expected_size)
         deadline = asyncio.timeout(self._deadline)
         try:
-            async with deadline, self._http.stream(
-                "POST", REMOVE_PATH, content=body.stream(on_sent), headers=headers
-            ) as response:
+            async with (
+                deadline,
+                self._http.stream("POST", path, content=body.stream(on_sent), headers=headers) as response,
+            ):
                 if response.status_code != 200:
                     return await self._error_outcome(response)
                 announced = _content_length(response)
@@ -411,7 +486,7 @@ class WithoutBG:
         except OSError:
             dest.unlink(missing_ok=True)
             raise
-        bad = await asyncio.to_thread(check_answer, dest, expected_size, AnswerKind.CUTOUT)
+        bad = await asyncio.to_thread(check_answer, dest, expected_size, kind)
         if bad is None:
             return Outcome(status=200)
         return Outcome(status=200, body_problem=bad.problem, detail=bad.detail)
@@ -429,6 +504,8 @@ class WithoutBG:
         deadline = asyncio.timeout(self._deadline)
         try:
             async with deadline, self._http.stream("GET", CREDIT_PATH, headers=self._auth()) as response:
+                if response.status_code != 200:
+                    return Credit(outcome=await self._error_outcome(response))
                 body, over = await _read_small(response)
         except httpx.HTTPError as exc:
             return Credit(outcome=self._transport_outcome(exc))
@@ -436,8 +513,6 @@ class WithoutBG:
             if deadline.expired():
                 return Credit(outcome=self._deadline_outcome())
             raise
-        if response.status_code != 200:
-            return Credit(outcome=self._outcome_from_body(response, body))
         if over:
             return Credit(
                 outcome=Outcome(
@@ -452,10 +527,16 @@ class WithoutBG:
         except (ValueError, KeyError, TypeError):
             return Credit(outcome=Outcome(status=200, detail="unreadable /available-credit answer"))
         expiry = data.get("expiration_date")
-        return Credit(credit=credit, expiration_date=str(expiry) if expiry is not None else None)
+        # (stored and shown: an answer echoing the key must not carry it there)
+        return Credit(credit=credit, expiration_date=self.redact(str(expiry)) if expiry is not None else None)
 
     async def _error_outcome(self, response: httpx.Response) -> Outcome:
-        body, _ = await _read_small(response)
+        """The outcome of a non-200 answer: its status counts even when its body cannot be
+        read (an encoding we do not inflate: the detail is then the status's own text)."""
+        try:
+            body, _ = await _read_small(response)
+        except (httpx.DecodingError, zlib.error):
+            body = b""
         return self._outcome_from_body(response, body)
 
     def _outcome_from_body(self, response: httpx.Response, body: bytes) -> Outcome:

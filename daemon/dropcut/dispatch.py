@@ -15,7 +15,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,9 +27,11 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
-from dropcut.judge import Code, Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
+from dropcut.decode import DecodeError
+from dropcut.judge import Code, Outcome, Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
 from dropcut.pace import Pacer
-from dropcut.paths import Layout, output_candidates, output_key
+from dropcut.paths import Layout, output_candidates, output_key, result_key
+from dropcut.produce import Producer
 from dropcut.publish import Publisher, copy_to_staging, new_staging_file
 from dropcut.queue import Job, JobQueue
 from dropcut.settings import Settings
@@ -41,6 +44,23 @@ SERVICE_WIDE = ("rate_limited", "server_error", "connection_error", "timeout")
 SOURCE_CHECK_SECONDS = 10.0  # a stat of the inbox taking longer: the inbox is unavailable
 UNAVAILABLE_RETRY_SECONDS = 5.0  # a job whose inbox is unavailable is looked at again after this
 OUTPUT_UNWRITABLE = "output_unwritable"
+PROXY_FAILED = "proxy_failed"
+RENDER_FAILED = "render_failed"
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """What a request sends (``path``, as ``format``), the size its answer must have, and
+    the client call that sends it."""
+
+    path: Path
+    format: str
+    expected_size: tuple[int, int] | None
+    send: Callable[..., Awaitable[Outcome]]
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def outage_step(streak: int, last_step_at: float, *, started: float, now: float) -> tuple[int, float]:
@@ -93,6 +113,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         notice: Callable[[str], None] | None = None,
+        producer: Producer | None = None,
     ) -> None:
         self.settings = settings
         self._layout = layout
@@ -104,10 +125,12 @@ class Dispatcher:
         self._clock = clock
         self._rng = rng or random.Random()
         self._notice = notice or (lambda rel_path: None)  # "look at this inbox path again"
+        self._producer = producer or Producer()
         self._wake = asyncio.Event()
         self._credit_wake = asyncio.Event()
         self._condition_wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # jobs up to their answer (max_in_flight)
+        self._finishing: set[asyncio.Task[None]] = set()  # renders and publishing after it
         self._stopping = False
         self._hold_until = 0.0
         self._move_failures: dict[int, str] = {}  # job id -> why its input could not be moved
@@ -198,9 +221,9 @@ class Dispatcher:
         the rest (their jobs go back to the queue). Returns how many were cancelled."""
         self._stopping = True
         self.wake()
-        if not self._tasks:
+        if not self._tasks and not self._finishing:
             return 0
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        _, pending = await asyncio.wait(self._tasks | self._finishing, timeout=grace)
         for task in pending:
             task.cancel()
         if pending:
@@ -211,29 +234,12 @@ class Dispatcher:
 
     async def _process(self, job: Job) -> None:
         log = self._log.bind(file=job.rel_path, sha256=job.sha256, size=job.size)
+        await self._guarded(job, log, self._steps(job, log))
+
+    async def _guarded(self, job: Job, log: BoundLogger, steps: Coroutine[Any, Any, None]) -> None:
+        """Run a job's ``steps``; whatever goes wrong, the job is never stranded."""
         try:
-            if not await self._source_still_there(job, log):
-                return
-            cached = self._cache.get(job.sha256)
-            if cached is not None:
-                log.info("result_reused")
-                staged = await asyncio.to_thread(self._copy_to_outbox_staging, cached)
-                await self._publish(job, staged, log, from_cache=True)
-                return
-            spool = self._layout.spool_file(job.sha256)
-            if not spool.exists():
-                # The validated bytes are gone (state folder tampered with): forget the
-                # job so the next rescan admits the file afresh.
-                log.error("spool_missing")
-                self._queue.forget(job.id)
-                return
-            full = self._short_of_space(spool)
-            if full is not None:
-                # Checked before the request: a result we could not store is a wasted credit.
-                self._queue.release(job.id)
-                self._disk_full(job, full, "not enough free space for the result")
-                return
-            await self._send(job, spool, log)
+            await steps
         except asyncio.CancelledError:
             self._queue.release(job.id)
             log.info("job_requeued", reason="shutdown")
@@ -248,6 +254,64 @@ class Dispatcher:
                 return
             log.exception("job_failed")  # a bug, a refused write, the queue's database failing
             self._hold_until = max(self._hold_until, self._clock() + 5.0)
+
+    async def _steps(self, job: Job, log: BoundLogger) -> None:
+        if not await self._source_still_there(job, log):
+            return
+        spool = self._layout.spool_file(job.sha256)
+        cached = self._cache.get(self._result_key(job))
+        if cached is not None and self.settings.api_mode == "cutout":
+            log.info("result_reused")
+            staged = await asyncio.to_thread(self._copy_to_outbox_staging, cached)
+            await self._publish(job, staged, log, from_cache=True)
+            return
+        if not spool.exists():
+            # The validated bytes are gone (state folder tampered with): forget the
+            # job so the next rescan admits the file afresh.
+            log.error("spool_missing")
+            self._queue.forget(job.id)
+            return
+        if cached is not None:  # a matte: rendered again, no request
+            log.info("result_reused")
+            matte = await asyncio.to_thread(self._copy_to_outbox_staging, cached)
+            self._finish_later(job, spool, matte, log, entry=None)
+            return
+        full = self._short_of_space(spool)
+        if full is not None:
+            # Checked before the request: a result we could not store is a wasted credit.
+            self._queue.release(job.id)
+            self._disk_full(job, full, "not enough free space for the result")
+            return
+        problem = self._outbox_problem()
+        if problem is not None:  # likewise: an answer we could not even write down
+            self._queue.release(job.id)
+            self._pause(code="outbox_unwritable", status=None, detail=problem)
+            return
+        await self._send(job, spool, log)
+
+    def _finish_later(
+        self, job: Job, spool: Path, matte: Path, log: BoundLogger, *, entry: dict[str, Any] | None
+    ) -> None:
+        """Render the cut-out from ``matte`` (ours: removed after) and publish it, in a task
+        of its own: a render does not hold one of the ``max_in_flight`` request slots, so
+        pacing goes on at the allowance while renders run in the worker processes."""
+
+        async def finish() -> None:
+            try:
+                rendered = await self._render(job, spool, matte, log)
+                if rendered is not None:
+                    await self._publish(job, rendered, log, from_cache=entry is None, entry=entry)
+            finally:
+                matte.unlink(missing_ok=True)
+
+        task = asyncio.create_task(self._guarded(job, log, finish()), name=f"render-{job.id}")
+        self._finishing.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._finishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("job_crashed", exc_info=task.exception())
 
     async def _source_state(self, job: Job) -> str:
         """``present``, ``changed`` or ``gone`` (see :meth:`Publisher.source_state`), or
@@ -310,10 +374,68 @@ class Dispatcher:
     def _copy_to_outbox_staging(self, source: Path) -> Path:
         return copy_to_staging(source, self._layout.outbox)
 
+    def _result_key(self, job: Job) -> str:
+        s = self.settings
+        return result_key(job.sha256, s.api_mode, s.proxy_max_side)
+
+    async def _render(self, job: Job, spool: Path, matte: Path, log: BoundLogger) -> Path | None:
+        """The cut-out of the spooled original with ``matte``, rendered into the outbox's
+        staging in a worker process; None when it failed (an attempt with backoff)."""
+        staged = new_staging_file(self._layout.outbox)
+        log.info("render_started")
+        try:
+            seconds = await self._producer.render(
+                spool, matte, staged, strip_gps=self.settings.strip_gps, max_pixels=self.settings.max_pixels
+            )
+        except asyncio.CancelledError:
+            staged.unlink(missing_ok=True)
+            raise
+        except Exception as exc:
+            staged.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise
+            self._attempt_failed(job, RENDER_FAILED, f"cannot render the cut-out: {_text(exc)}", log)
+            return None
+        log.info("output_rendered", seconds=round(seconds, 3))
+        return staged
+
+    async def _upload_of(self, job: Job, spool: Path, log: BoundLogger) -> _Upload | None:
+        """What to send for this job, and what the answer must be: in ``cutout`` mode the
+        spooled input as it is (the answer: RGBA at its stored size); in ``matte`` mode
+        its proxy, made in a worker process (the answer: a matte at the proxy's size).
+        None when the proxy could not be made (an attempt with backoff)."""
+        s = self.settings
+        if s.api_mode == "cutout":
+            width, height = image_size(spool)
+            size = (width, height) if width and height else None
+            return _Upload(spool, job.format, size, self._client.remove_background)
+        path = self._layout.proxy_file(job.sha256, s.proxy_max_side)
+        try:
+            proxy = await self._producer.proxy(
+                spool,
+                path,
+                max_side=s.proxy_max_side,
+                max_pixels=s.max_pixels,
+                timeout=s.decode_timeout_seconds,
+            )
+        except asyncio.CancelledError:
+            raise
+        except DecodeError as exc:  # (inspection let it through: e.g. a slower machine now)
+            error = Refuse(status=exc.status, code=exc.code, detail=exc.detail)
+            entry = {"attempt": job.attempts, "at": self._clock(), "status": None, "code": exc.code}
+            self._quarantine(job, error, entry, job.attempts, log, source="local")
+            return None
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise
+            self._attempt_failed(job, PROXY_FAILED, f"cannot make the proxy: {_text(exc)}", log)
+            return None
+        return _Upload(path, proxy.format, proxy.size, self._client.alpha_channel)
+
     async def _send(self, job: Job, spool: Path, log: BoundLogger) -> None:
-        width, height = image_size(spool)
-        # the answer must be an RGBA image of the input's stored size (unknown: (0, 0))
-        expected_size = (width, height) if width and height else None
+        upload = await self._upload_of(job, spool, log)
+        if upload is None:
+            return
         staged = new_staging_file(self._layout.outbox)
         handed_over = False
         try:
@@ -324,16 +446,16 @@ class Dispatcher:
                     handle.discard()
                     return
                 attempt = self._queue.record_attempt(job.id)
-                log.info("upload_started", attempt=attempt)
+                log.info("upload_started", attempt=attempt, bytes=upload.path.stat().st_size)
                 started = self._clock()
                 began = time.monotonic()
-                outcome = await self._client.remove_background(
-                    spool,
+                outcome = await upload.send(
+                    upload.path,
                     filename=PurePosixPath(job.rel_path).name,
-                    image_format=job.format,
+                    image_format=upload.format,
                     dest=staged,
                     on_sent=lambda _at: handle.mark_sent(),  # (the pacer's clock, not the wall)
-                    expected_size=expected_size,
+                    expected_size=upload.expected_size,
                 )
             duration_ms = round((time.monotonic() - began) * 1000)
             policy = retry_policy(self.settings)
@@ -360,13 +482,22 @@ class Dispatcher:
                 entry["location"] = outcome.location
             match decision:
                 case Publish():
-                    log.info("upload_succeeded", attempt=attempt, status=200, duration_ms=duration_ms)
-                    try:
-                        self._cache.store(job.sha256, staged)
+                    try:  # cached before it is used: a crash from here on pays nothing again
+                        self._cache.store(self._result_key(job), staged)
                     except OSError as exc:  # a missing cache entry costs nothing now: publish
                         log.warning("cache_store_failed", detail=exc.strerror or str(exc))
+                    log.info(
+                        "upload_succeeded",
+                        attempt=attempt,
+                        status=200,
+                        duration_ms=duration_ms,
+                        bytes=staged.stat().st_size,
+                    )
                     handed_over = True
-                    await self._publish(job, staged, log, from_cache=False, entry=entry)
+                    if self.settings.api_mode == "cutout":
+                        await self._publish(job, staged, log, from_cache=False, entry=entry)
+                    else:
+                        self._finish_later(job, spool, staged, log, entry=entry)
                 case Retry():
                     entry["code"] = decision.code
                     if service_wide:
@@ -442,15 +573,18 @@ class Dispatcher:
 
     def _outbox_problem(self) -> str | None:
         """Why nothing at all can be written to the outbox (read-only, not writable,
-        gone), or None."""
+        gone; its staging folder, where every answer and output is written first, the
+        same), or None."""
         outbox = self._layout.outbox
+        staging = self._layout.staging(outbox)
         try:
             if os.statvfs(outbox).f_flag & os.ST_RDONLY:
                 return f"the outbox {outbox} is on a read-only file system"
         except OSError as exc:
             return f"the outbox {outbox}: {exc.strerror or exc}"
-        if not os.access(outbox, os.W_OK | os.X_OK):
-            return f"the outbox {outbox} is not writable"
+        for folder in (outbox, staging):
+            if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+                return f"{folder} is not writable"
         return None
 
     def _output_failed(self, job: Job, out_rel: str, exc: OSError, log: BoundLogger) -> None:
@@ -464,23 +598,25 @@ class Dispatcher:
             self._queue.release(job.id)
             self._pause(code="outbox_unwritable", status=None, detail=problem)
             return
-        attempt = self._queue.record_attempt(job.id)
         reason = errno.errorcode.get(exc.errno or 0, "error")
         detail = f"cannot write the output outbox/{out_rel}: {reason}: {exc.strerror or exc}"
+        self._attempt_failed(job, OUTPUT_UNWRITABLE, detail, log)
+
+    def _attempt_failed(self, job: Job, code: str, detail: str, log: BoundLogger) -> None:
+        """A step of ours failed for this one file (an output it cannot place, a proxy or
+        a render that failed): an attempt with backoff, other files go on, and after
+        ``max_attempts`` the input is quarantined (``source: "local"``)."""
+        attempt = self._queue.record_attempt(job.id)
         entry: dict[str, Any] = {"attempt": attempt, "at": self._clock(), "status": None}
-        entry.update(code=OUTPUT_UNWRITABLE, detail=detail)
+        entry.update(code=code, detail=detail)
         policy = retry_policy(self.settings)
         if attempt >= policy.max_attempts:
-            refuse = Refuse(
-                status=0, code=OUTPUT_UNWRITABLE, detail=f"gave up after {attempt} attempts: {detail}"
-            )
+            refuse = Refuse(status=0, code=code, detail=f"gave up after {attempt} attempts: {detail}")
             self._quarantine(job, refuse, entry, attempt, log, source="local")
             return
         delay = backoff_delay(attempt, policy, self._rng.random())
         self._queue.retry_later(job.id, at=self._clock() + delay, entry=entry)
-        log.warning(
-            "retry_scheduled", attempt=attempt, code=OUTPUT_UNWRITABLE, detail=detail, delay_s=round(delay, 2)
-        )
+        log.warning("retry_scheduled", attempt=attempt, code=code, detail=detail, delay_s=round(delay, 2))
 
     def finish_published(self, job: Job) -> None:
         """Move the input away after its output is durable (also at start-up and after each
@@ -509,6 +645,21 @@ class Dispatcher:
         self._log.info("input_disposed", file=job.rel_path, sha256=job.sha256, result=what)
         if what.startswith("changed:"):
             self._notice(what.removeprefix("changed:"))  # other content: its own job
+
+    def held_found(self, held_path: str) -> None:
+        """A held input (``.dropcut-held-…``) was seen in the inbox. Unless a job is
+        disposing of it right now, it was left by a crash in a folder that was renamed
+        meanwhile: it gets its name back (never over another file), to be looked at anew."""
+        if self._queue.holds(held_path):
+            return
+        try:
+            back = self._publisher.restore_held(held_path)
+        except OSError as exc:
+            self._log.warning("held_restore_failed", file=held_path, reason=exc.strerror or str(exc))
+            return
+        if back is not None:
+            self._log.warning("held_file_restored", file=back, held_as=held_path)
+            self._notice(back)
 
     def resume_quarantine(self, job: Job) -> None:
         """Finish a quarantine that a crash or a failed move interrupted (its intent and
@@ -618,11 +769,13 @@ class Dispatcher:
         return placed
 
     def _drop_spool(self, sha256: str) -> None:
+        """The spooled input and its proxies, once no job needs them."""
         if sha256 and not self._queue.sha_still_needed(sha256):  # ("": refused before hashing)
-            try:
-                os.unlink(self._layout.spool_file(sha256))
-            except FileNotFoundError:
-                pass
+            for path in (self._layout.spool_file(sha256), *self._layout.spool_dir.glob(f"{sha256}.proxy-*")):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def _space_is_back(self) -> bool:
         """Room again for the next queued image on every folder we write to?"""

@@ -40,16 +40,20 @@ from pathlib import Path
 
 from dropcut.capture import Capture, Note
 from dropcut.decode import (
+    API_FORMATS,
     DEFAULT_DECODE_TIMEOUT_SECONDS,
     DEFAULT_MAX_DECODE_BYTES,
     SUPPORTED_FORMATS,
     Budget,
     DecodeFailure,
+    MultiFrame,
     RefusalCode,
-    check_decodes,
+    camera_raw_kind,
+    check_image,
 )
 
 __all__ = [
+    "API_FORMATS",
     "SUPPORTED_FORMATS",
     "Changed",
     "Inspected",
@@ -92,7 +96,10 @@ class RejectReason(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Inspected:
     """A valid image; its exact bytes (sha256) are in ``spool_path`` ready to upload.
-    ``width``/``height`` are the stored pixel dimensions (EXIF orientation not applied)."""
+    ``width``/``height`` are the stored pixel dimensions (EXIF orientation not applied).
+    ``frames``: how many frames or pages the file has (multi-page TIFF, animated GIF,
+    WebP, PNG or AVIF); only the first is used, so more than 1 is worth a log line
+    (``frames_skipped``).  MPO and HEIF count 1: their primary image is the picture."""
 
     rel_path: str
     sha256: str
@@ -105,6 +112,7 @@ class Inspected:
     height: int
     spool_path: Path
     ctime_ns: int = 0  # with size, mtime and inode: the signature a rescan recognises
+    frames: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +170,16 @@ Inspection = Inspected | Refused | Rejected | Unreadable | Vanished | Changed
 
 
 def sniff_format(head: bytes) -> str | None:
-    """The supported image format the leading bytes announce, or None.
+    """The supported image format (one of :data:`SUPPORTED_FORMATS`) the leading bytes
+    announce, or None.
 
-    Same rules as the API: JPEG ``FF D8 FF``; PNG signature; ``RIFF....WEBP``;
-    TIFF ``II*\\0``/``MM\\0*``; BMP ``BM``; GIF ``GIF87a``/``GIF89a``.
+    The API's rules: JPEG ``FF D8 FF``; PNG signature; ``RIFF....WEBP``; TIFF
+    ``II*\\0``/``MM\\0*``; BMP ``BM``; GIF ``GIF87a``/``GIF89a``.  And ISO base media
+    (ISO/IEC 14496-12) ``ftyp`` boxes: "AVIF" if the major or a compatible brand is
+    ``avif``/``avis`` (AV1 Image File Format), else "HEIF" if one is a HEIF brand
+    (ISO/IEC 23008-12: ``heic``, ``heix``, ``mif1``...).  Camera raw files that look like
+    a TIFF (CR2, DNG...) are sniffed as TIFF: :func:`dropcut.decode.camera_raw_kind` tells
+    them apart.
     """
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
@@ -179,6 +193,29 @@ def sniff_format(head: bytes) -> str | None:
         return "GIF"
     if head.startswith(b"BM"):
         return "BMP"
+    return _sniff_ftyp(head)
+
+
+def _ftyp_brands(head: bytes) -> list[bytes]:
+    """The major and compatible brands of a leading ``ftyp`` box (as far as ``head``
+    holds it), or [] if ``head`` does not start with one."""
+    if len(head) < 12 or head[4:8] != b"ftyp":
+        return []
+    size = int.from_bytes(head[:4], "big")
+    end = min(len(head), size) if size >= 16 else 12
+    brands = [head[8:12]]  # the major brand; then minor version (4 bytes), compatible ones
+    brands += [head[i : i + 4] for i in range(16, end - 3, 4)]
+    return brands
+
+
+def _sniff_ftyp(head: bytes) -> str | None:
+    brands = _ftyp_brands(head)
+    if not brands or brands[0].startswith(b"crx"):
+        return None  # not ISO media, or a Canon CR3 raw file
+    if any(brand in _AVIF_BRANDS for brand in brands):
+        return "AVIF"
+    if any(brand in _HEIF_BRANDS for brand in brands):
+        return "HEIF"
     return None
 
 
@@ -215,11 +252,13 @@ def describe_content(head: bytes) -> str:
     a supported format's name, e.g. "PDF document", "HEIC", "ZIP archive", "text",
     or "unknown"."""
     sniffed = sniff_format(head)
-    if sniffed is not None:
+    if sniffed is not None and sniffed not in ("HEIF", "AVIF"):
         return sniffed
     if not head:
         return "empty"
     if head[4:8] == b"ftyp":
+        if sniffed == "AVIF":
+            return "AVIF"
         brand = head[8:12]
         if brand in _HEIF_BRANDS:
             return "HEIC"
@@ -417,10 +456,21 @@ def inspect_file(
     sync: bool = True,
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_SECONDS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    max_upload_bytes: int | None = None,
+    multi_frame: MultiFrame = "first",
+    api_formats_only: bool = False,
 ) -> Inspection:
     """Open ``inbox/rel_path`` without following links, copy it to ``spool_dir`` while
-    hashing, and validate it (empty, over ``max_bytes``, format by content, over
-    ``max_pixels`` by its header, full decode).
+    hashing, and validate it, in this order: empty (422 ``empty``); over ``max_bytes``,
+    the largest file dropcut reads (413 ``too_large``); camera raw by signature or TIFF
+    tags (415 ``camera_raw``, see :func:`dropcut.decode.camera_raw_kind`: no request is
+    ever made for one); format by content (415 ``unsupported_format``; with
+    ``api_formats_only``, i.e. ``api_mode = "cutout"`` where the file itself is uploaded,
+    HEIF and AVIF too, as the API does not take them); over ``max_upload_bytes`` if given
+    (413 ``too_large``: the file itself is uploaded and the API refuses files over
+    10 MB; None in matte mode, where a proxy is uploaded); over ``max_pixels`` by its
+    header, full decode (422); more than one frame with ``multi_frame="quarantine"``
+    (422 ``multi_frame``; with "first" the count is in ``Inspected.frames``).
 
     The decode check takes at most ``decode_timeout`` seconds (else 422
     ``decode_too_slow``) and holds at most about ``max_decode_bytes`` bytes of decoded
@@ -439,9 +489,21 @@ def inspect_file(
         return _classify_open_error(rel_path, dir_fd.error, dir_fd.lstat)
     try:
         budget = Budget(decode_timeout, max_decode_bytes)
-        return _inspect_in(dir_fd, parts[-1], rel_path, spool_dir, max_bytes, max_pixels, sync, budget)
+        policy = _Policy(max_upload_bytes, multi_frame, api_formats_only)
+        return _inspect_in(
+            dir_fd, parts[-1], rel_path, spool_dir, max_bytes, max_pixels, sync, budget, policy
+        )
     finally:
         os.close(dir_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    """What the API mode asks of an admitted file (see :func:`inspect_file`)."""
+
+    max_upload_bytes: int | None = None
+    multi_frame: MultiFrame = "first"
+    api_formats_only: bool = False
 
 
 def sync_spool(spool_dir: Path) -> None:
@@ -467,6 +529,7 @@ def _inspect_in(
     max_pixels: int | None = None,
     sync: bool = True,
     budget: Budget | None = None,
+    policy: _Policy | None = None,
 ) -> Inspection:
     # Look before opening, so FIFOs, sockets, devices and links are never opened at all.
     try:
@@ -486,7 +549,7 @@ def _inspect_in(
         kind = _reject_kind(st)
         if kind is not None:
             return Rejected(rel_path, kind)
-        return _read_and_validate(fd, st, rel_path, spool_dir, max_bytes, max_pixels, sync, budget)
+        return _read_and_validate(fd, st, rel_path, spool_dir, max_bytes, max_pixels, sync, budget, policy)
     finally:
         os.close(fd)
 
@@ -500,8 +563,10 @@ def _read_and_validate(
     max_pixels: int | None = None,
     sync: bool = True,
     budget: Budget | None = None,
+    policy: _Policy | None = None,
 ) -> Inspection:
     budget = budget or Budget()
+    policy = policy or _Policy()
     digest = hashlib.sha256()
     head = b""
     total = 0
@@ -565,25 +630,56 @@ def _read_and_validate(
                 RefusalCode.TOO_LARGE,
                 f"the file is {total} bytes, over the limit of {max_bytes} bytes",
             )
+        if sync:
+            os.fsync(out_fd)
+        os.close(out_fd)
+        out_fd = -1
+        raw_kind = camera_raw_kind(tmp_path, head)
+        if raw_kind is not None:
+            return refuse(
+                415,
+                RefusalCode.CAMERA_RAW,
+                f"a camera raw file ({raw_kind}): dropcut does not develop raw files; "
+                "export it as a JPEG or TIFF from your raw converter and drop that instead",
+            )
         fmt = sniff_format(head)
         if fmt is None:
             return refuse(
                 415,
                 RefusalCode.UNSUPPORTED_FORMAT,
-                f"not a JPEG, PNG, WebP, TIFF, BMP or GIF image "
+                f"not a JPEG, PNG, WebP, TIFF, BMP, GIF, HEIC or AVIF image "
                 f"(content looks like: {describe_content(head)})",
             )
+        if policy.api_formats_only and fmt not in API_FORMATS:
+            return refuse(
+                415,
+                RefusalCode.UNSUPPORTED_FORMAT,
+                f"a {describe_content(head)} image: the API takes only JPEG, PNG, WebP, TIFF, BMP "
+                'and GIF, and api_mode = "cutout" uploads the file as it is '
+                '(api_mode = "matte" sends a JPEG proxy of it)',
+            )
+        if policy.max_upload_bytes is not None and total > policy.max_upload_bytes:
+            return refuse(
+                413,
+                RefusalCode.TOO_LARGE,
+                f"the file is {total} bytes, over the upload limit of {policy.max_upload_bytes} bytes "
+                '(api_max_upload_bytes: the API refuses files over 10 MB; api_mode = "matte" '
+                "uploads a small proxy instead)",
+            )
 
-        if sync:
-            os.fsync(out_fd)
-        os.close(out_fd)
-        out_fd = -1
-        decoded = check_decodes(
+        checked = check_image(
             tmp_path, fmt, max_pixels, timeout=budget.timeout, max_decode_bytes=budget.max_decode_bytes
         )
-        if isinstance(decoded, DecodeFailure):
-            return refuse(decoded.status, decoded.code, decoded.detail)
-        width, height = decoded
+        if isinstance(checked, DecodeFailure):
+            return refuse(checked.status, checked.code, checked.detail)
+        width, height = checked.width, checked.height
+        if checked.frames > 1 and policy.multi_frame == "quarantine":
+            return refuse(
+                422,
+                RefusalCode.MULTI_FRAME,
+                f'the {fmt} has {checked.frames} frames or pages and multi_frame = "quarantine": '
+                'save the one you want as a file of its own, or set multi_frame = "first"',
+            )
 
         spool_path = spool_dir / sha256
         _finalize_spool(tmp_path, spool_path, sha256, total, sync=sync)
@@ -600,6 +696,7 @@ def _read_and_validate(
             height=height,
             spool_path=spool_path,
             ctime_ns=st.st_ctime_ns,
+            frames=checked.frames,
         )
     finally:
         if out_fd >= 0:
@@ -662,6 +759,9 @@ def inspect_some(
     per_file: Callable[[str], AbstractContextManager[object]] | None = None,
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_SECONDS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    max_upload_bytes: int | None = None,
+    multi_frame: MultiFrame = "first",
+    api_formats_only: bool = False,
 ) -> tuple[list[Inspection | Exception], list[Note]]:
     """Inspect ``rels`` in order until done or the time slice is used up; an exception is
     returned in place of its file's result. Runs in a worker thread or process.
@@ -671,8 +771,9 @@ def inspect_some(
     that would otherwise go to the worker's stderr, unformatted.  Otherwise they take
     their usual way (the daemon's logging) and no notes are returned; ``per_file(rel)`` is
     a context each file is inspected in (the daemon binds the file to its log events).
-    ``decode_timeout`` (seconds) and ``max_decode_bytes`` bound each file's decode check
-    (see :func:`inspect_file`)."""
+    ``decode_timeout`` (seconds) and ``max_decode_bytes`` bound each file's decode check;
+    ``max_upload_bytes``, ``multi_frame`` and ``api_formats_only`` are the API mode's
+    limits (see :func:`inspect_file`)."""
     out: list[Inspection | Exception] = []
     until = time.monotonic() + INSPECT_SLICE_SECONDS
     with Capture() if capture else contextlib.nullcontext() as captured:
@@ -695,6 +796,9 @@ def inspect_some(
                             sync=False,
                             decode_timeout=decode_timeout,
                             max_decode_bytes=max_decode_bytes,
+                            max_upload_bytes=max_upload_bytes,
+                            multi_frame=multi_frame,
+                            api_formats_only=api_formats_only,
                         )
                     )
                 except Exception as exc:

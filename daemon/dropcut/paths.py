@@ -55,8 +55,9 @@ class Layout:
     def spool_file(self, sha256: str) -> Path:
         return self.spool_dir / sha256
 
-    def cached_result(self, sha256: str) -> Path:
-        return self.cache_dir / f"{sha256}.png"
+    def proxy_file(self, sha256: str, max_side: int) -> Path:
+        """The proxy of a spooled input (matte mode): derived, kept until the job ends."""
+        return self.spool_dir / f"{sha256}.proxy-{max_side}"
 
     def staging(self, root: Path) -> Path:
         return root / STAGING_DIR
@@ -64,6 +65,13 @@ class Layout:
     def output_roots(self) -> tuple[Path, ...]:
         """Folders the daemon writes into (each gets a staging folder)."""
         return (self.outbox, self.archive, self.quarantine)
+
+
+def result_key(sha256: str, api_mode: str, proxy_max_side: int) -> str:
+    """What a paid-for answer is cached under: the input's content and what was asked of
+    the API about it. ``cutout``: the cut-out of the input (its sha256); ``matte``: the
+    matte of its proxy, which depends on the proxy's size (``<sha256>-matte-<side>``)."""
+    return sha256 if api_mode == "cutout" else f"{sha256}-matte-{proxy_max_side}"
 
 
 def fit_name(base: str, suffix: str) -> str:
@@ -117,8 +125,24 @@ def error_json_rel(rel_path: str) -> str:
 
 
 def held_rel(rel_path: str, token: str) -> str:
-    """The private name (:data:`HELD_PREFIX`) for ``rel_path`` while it is being disposed of."""
-    return str(PurePosixPath(rel_path).parent / f"{HELD_PREFIX}{token}")
+    """The private name (:data:`HELD_PREFIX`) for ``rel_path`` while it is being disposed
+    of: ``.dropcut-held-<token>-<name>`` (``<token>`` 16 hex digits), so that a held file
+    found with no job holding it (its folder renamed while dropcut was down) can be given
+    its name back (:func:`held_original`). A name too long for that keeps only the token."""
+    path = PurePosixPath(rel_path)
+    name = f"{HELD_PREFIX}{token}-{path.name}"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        name = f"{HELD_PREFIX}{token}"
+    return str(path.parent / name)
+
+
+def held_original(held_path: str) -> str:
+    """The name a held file had (see :func:`held_rel`), in its own folder; one made up
+    from the token when the name did not fit."""
+    path = PurePosixPath(held_path)
+    rest = path.name.removeprefix(HELD_PREFIX)
+    token, _, name = rest.partition("-")
+    return str(path.parent / (name or f"restored-{token}"))
 
 
 def numbered_candidates(rel_path: str) -> Iterator[str]:

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dropcut.inspect import open_dir_nofollow, stat_entry
-from dropcut.paths import STAGING_DIR, Layout, error_json_rel, held_rel, numbered_candidates
+from dropcut.paths import STAGING_DIR, Layout, error_json_rel, held_original, held_rel, numbered_candidates
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 COPY_CHUNK = 1024 * 1024
@@ -332,6 +332,20 @@ class Publisher:
         except OSError:
             return False
 
+    def restore_held(self, held_path: str) -> str | None:
+        """Give a held input that no job holds (:func:`dropcut.paths.held_rel`) its name
+        back, never over a file of that name (``name~2.ext``…); returns the name, or None
+        when it is gone. Raises OSError when the move fails."""
+        rel = PurePosixPath(held_path)
+        try:
+            dir_fd = open_dir_nofollow(self.layout.inbox, str(rel.parent))
+        except FileNotFoundError:
+            return None
+        with _dir(dir_fd):
+            if not _exists(rel.name, dir_fd):
+                return None
+            return _put_back(dir_fd, rel.name, held_original(held_path))
+
     def place_output(self, staged: Path, out_rel: str) -> None:
         place(staged, self.layout.outbox, out_rel)
 
@@ -356,13 +370,51 @@ class Publisher:
         ``gone`` or ``changed:<rel it was put back as>``. Raises OSError when a step fails
         (EACCES, EPERM, ENOSPC): nothing is lost, and calling again resumes."""
         if self.on_success == "keep":
+            if held_as is not None:  # held by a run with another on_success, then a crash
+                self.restore_held(held_as)
             return "kept"
-        inbox = self.layout.inbox
+        what = self._hold(rel_path, sha256, identity, held_as=held_as, hold=hold)
+        if not what.startswith("held:"):
+            return what
+        held_as = what.removeprefix("held:")
+        held = PurePosixPath(held_as)
+        try:
+            if self.on_success == "delete":
+                with _dir(open_dir_nofollow(self.layout.inbox, str(held.parent))) as dir_fd:
+                    os.unlink(held.name, dir_fd=dir_fd)
+                    fsync_dir(dir_fd)
+                return "deleted"
+            moved = move_in(
+                self.layout.inbox, held_as, self.layout.archive, numbered_candidates(rel_path), sha256=sha256
+            )
+        except OSError:
+            # Not under a private name while it waits for the next try (EACCES, a full
+            # archive): the user sees the file where it was.
+            with contextlib.suppress(OSError):
+                self.restore_held(held_as)
+            raise
+        return "gone" if moved is None else f"archived:{moved}"
+
+    def _hold(
+        self,
+        rel_path: str,
+        sha256: str,
+        identity: tuple[int | None, ...],
+        *,
+        held_as: str | None = None,
+        hold: Callable[[str | None], None] = lambda held_as: None,
+    ) -> str:
+        """Take the input out of the user's way before it is moved or deleted: renamed to a
+        private name in its own folder (``hold`` is told the name first; ``held_as`` is
+        one a crash left: resumed), then read and hashed on an open descriptor. Returns
+        ``held:<private rel>`` when it is the content ``sha256``; else the file is left
+        (another stat than ``identity``: ``changed:<rel>``; no file: ``gone``) or put back
+        under its name, never over a file saved there meanwhile (``changed:<rel>``)."""
         rel = PurePosixPath(rel_path)
         try:
-            dir_fd = open_dir_nofollow(inbox, str(rel.parent))
+            dir_fd = open_dir_nofollow(self.layout.inbox, str(rel.parent))
         except FileNotFoundError:
-            return "gone"
+            return "gone"  # (a held file in a folder renamed meanwhile: held_found restores it)
         with _dir(dir_fd):
             held = PurePosixPath(held_as).name if held_as is not None else None
             if held is None or not _exists(held, dir_fd):
@@ -380,24 +432,9 @@ class Publisher:
                     os.rename(rel.name, held, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 except FileNotFoundError:
                     return "gone"
-            assert held_as is not None
             if _sha256_at(held, dir_fd) != sha256:
                 return f"changed:{_put_back(dir_fd, held, rel_path)}"
-            try:
-                if self.on_success == "delete":
-                    os.unlink(held, dir_fd=dir_fd)
-                    fsync_dir(dir_fd)
-                    return "deleted"
-                moved = move_in(
-                    inbox, held_as, self.layout.archive, numbered_candidates(rel_path), sha256=sha256
-                )
-            except OSError:
-                # Not under a private name while it waits for the next try (EACCES, a full
-                # archive): the user sees the file where it was.
-                with contextlib.suppress(OSError):
-                    _put_back(dir_fd, held, rel_path)
-                raise
-        return "gone" if moved is None else f"archived:{moved}"
+        return f"held:{held_as}"
 
     def quarantine_input(
         self,
@@ -423,6 +460,50 @@ class Publisher:
         job without a second copy.
         """
         from_inbox = self.identity_matches(rel_path, identity)
+        held_as: str | None = None
+        if from_inbox and sha256:
+            # the file at that name must be the refused content (a save in between is
+            # never quarantined in its place: it goes back, and the spooled bytes are)
+            what = self._hold(rel_path, sha256, identity)
+            from_inbox = what.startswith("held:")
+            held_as = what.removeprefix("held:") if from_inbox else None
+        try:
+            return self._quarantine(
+                rel_path,
+                sha256,
+                size,
+                error,
+                attempts,
+                first_seen,
+                history,
+                spool,
+                q_rel,
+                before_move,
+                from_inbox=from_inbox,
+                held_as=held_as,
+            )
+        except OSError:
+            if held_as is not None:  # where the user can see it while it waits for the next try
+                with contextlib.suppress(OSError):
+                    self.restore_held(held_as)
+            raise
+
+    def _quarantine(
+        self,
+        rel_path: str,
+        sha256: str | None,
+        size: int | None,
+        error: dict[str, Any],
+        attempts: int,
+        first_seen: float,
+        history: list[dict[str, Any]],
+        spool: Path | None,
+        q_rel: str | None,
+        before_move: Callable[[str], None] | None,
+        *,
+        from_inbox: bool,
+        held_as: str | None,
+    ) -> str | None:
         if q_rel is not None and not from_inbox and self._in_quarantine(q_rel):
             return q_rel  # moved before a crash
         if not from_inbox and (spool is None or not spool.exists()):
@@ -444,7 +525,10 @@ class Publisher:
         if before_move is not None:
             before_move(q_rel)
         if from_inbox:
-            if move_in(self.layout.inbox, rel_path, self.layout.quarantine, [q_rel], sha256=sha256) is None:
+            moved = move_in(
+                self.layout.inbox, held_as or rel_path, self.layout.quarantine, [q_rel], sha256=sha256
+            )
+            if moved is None:
                 return None
         else:
             assert spool is not None

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     history TEXT NOT NULL DEFAULT '[]',
     seq INTEGER NOT NULL DEFAULT 0,
     ctime_ns INTEGER NOT NULL DEFAULT 0,
-    held_as TEXT
+    held_as TEXT,
+    frames INTEGER NOT NULL DEFAULT 1
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_path_sha ON jobs (rel_path, sha256);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
@@ -124,6 +125,7 @@ class NewJob:
     format: str
     first_seen: float
     ctime_ns: int = 0
+    frames: int = 1  # frames in the file; only the first is processed (multi_frame = "first")
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -169,7 +171,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
     ``jobs.ctime_ns`` (part of a file's signature) and ``jobs.held_as`` (the private name
     of an input being disposed of) are added empty: an old job's file is read once more
     at the next rescan, then recognised."""
-    for column, decl in (("ctime_ns", "INTEGER NOT NULL DEFAULT 0"), ("held_as", "TEXT")):
+    for column, decl in (
+        ("ctime_ns", "INTEGER NOT NULL DEFAULT 0"),
+        ("held_as", "TEXT"),
+        ("frames", "INTEGER NOT NULL DEFAULT 1"),
+    ):
         if column not in _columns(conn, "jobs"):
             with contextlib.suppress(sqlite3.OperationalError):  # added by another process meanwhile
                 conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
@@ -320,7 +326,8 @@ class JobQueue:
                 if row is None:
                     cur = db.execute(
                         "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, ctime_ns, inode, device, "
-                        "format, state, first_seen, updated_at, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "format, state, first_seen, updated_at, seq, frames) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (
                             job.rel_path,
                             job.sha256,
@@ -334,6 +341,7 @@ class JobQueue:
                             job.first_seen,
                             now,
                             seq,
+                            job.frames,
                         ),
                     )
                     existing[key] = (int(cur.lastrowid or 0), "queued")
@@ -493,6 +501,13 @@ class JobQueue:
         with self._tx() as db:
             db.execute("UPDATE jobs SET held_as=? WHERE id=?", (held_as, job_id))
 
+    def holds(self, held_as: str) -> bool:
+        """Does a published job hold an input under this private name (being disposed of)?"""
+        row = self._conn.execute(
+            "SELECT 1 FROM jobs WHERE held_as=? AND state='published' LIMIT 1", (held_as,)
+        ).fetchone()
+        return row is not None
+
     def cancel(self, job_id: int, reason: dict[str, Any]) -> None:
         """The job's file was deleted or replaced before its output was written: no output,
         and no further request (``reason`` is kept as its error)."""
@@ -633,6 +648,11 @@ class JobQueue:
                 )
 
     # --- reporting and maintenance -------------------------------------------------------
+
+    def frames_skipped(self) -> int:
+        """How many files (jobs) had frames after the first that were not processed."""
+        row = self._conn.execute("SELECT COUNT(*) FROM jobs WHERE frames > 1").fetchone()
+        return int(row[0])
 
     def counts(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")

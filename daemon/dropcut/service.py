@@ -38,6 +38,7 @@ from dropcut.dispatch import Dispatcher
 from dropcut.logs import Redactor, set_log_level
 from dropcut.pace import Pacer
 from dropcut.paths import Layout
+from dropcut.produce import Producer
 from dropcut.publish import Publisher
 from dropcut.queue import JobQueue, connect
 from dropcut.settings import ConfigError, Settings, load_settings
@@ -254,6 +255,7 @@ class Daemon:
             max_connections=s.max_in_flight,
             transport=self._transport,
         )
+        self.producer = Producer()
         self.dispatcher = Dispatcher(
             s,
             layout=self.layout,
@@ -264,6 +266,7 @@ class Daemon:
             cache=self.cache,
             clock=self._clock,
             notice=lambda rel_path: self.admission.notice(rel_path),
+            producer=self.producer,
         )
         # Input moves and quarantines a crash interrupted; one that fails (EPERM, a full
         # disk) is reported and waits for a later rescan, it never stops the start.
@@ -275,6 +278,7 @@ class Daemon:
             publisher=self.publisher,
             spool_dir=self.layout.spool_dir,
             on_queued=self.dispatcher.wake,
+            on_held=self.dispatcher.held_found,
             min_observations=self._min_observations(),
             clock=self._clock,
         )
@@ -586,6 +590,8 @@ class Daemon:
         cancelled = 0
         if hasattr(self, "dispatcher"):
             cancelled = await self.dispatcher.stop(self.settings.shutdown_grace_seconds)
+        if hasattr(self, "producer"):
+            self.producer.close()
         for task in self._tasks:
             task.cancel()
         if self._tasks:

@@ -53,6 +53,9 @@ RESTART_KEYS = (
     "api_url",
     "request_timeout_seconds",
     "max_in_flight",
+    # what is asked of the API, and what its answers are cached under
+    "api_mode",
+    "proxy_max_side",
     # the log renderer is chosen once
     "log_format",
 )
@@ -142,6 +145,11 @@ class Settings(BaseSettings):
 
     # the API
     api_url: str = "https://api.withoutbg.com"
+    # "matte": a proxy of at most proxy_max_side px goes to /v1.0/alpha-channel and the
+    # cut-out is rendered here at full resolution; "cutout": the file as it is goes to
+    # /v1.0/image-without-background and its answer is the output.
+    api_mode: Literal["matte", "cutout"] = "matte"
+    api_max_upload_bytes: PositiveInt = 10 * 1024 * 1024  # the API's own limit (413 above it)
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     request_timeout_seconds: Positive = 60.0
@@ -168,7 +176,10 @@ class Settings(BaseSettings):
     ignore_dirs: tuple[str, ...] = DEFAULT_IGNORE_DIRS
 
     # files
-    max_file_bytes: PositiveInt = 10 * 1024 * 1024
+    max_file_bytes: PositiveInt = 256 * 1024 * 1024  # the largest input dropcut reads
+    proxy_max_side: Annotated[int, Field(ge=64, le=4096)] = 1024  # the model's inference size
+    multi_frame: Literal["first", "quarantine"] = "first"  # multi-page TIFF, animated GIF/WebP
+    strip_gps: bool = True  # outputs carry the original's EXIF, without its GPS position
     max_pixels: PositiveInt = 100_000_000
     decode_timeout_seconds: Positive = 10.0  # = inspect.DEFAULT_DECODE_TIMEOUT_SECONDS
     max_decode_bytes: PositiveInt = 32 * 1024 * 1024  # = inspect.DEFAULT_MAX_DECODE_BYTES

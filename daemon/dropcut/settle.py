@@ -69,10 +69,23 @@ SIDE_FILE_PATTERNS: tuple[str, ...] = (
     "*.xmp",  # XMP sidecars: Lightroom, Camera Raw, Bridge, darktable ("x.jpg.xmp"), digiKam
     "*.aae",  # iOS / macOS Photos edit instructions ("IMG_0001.AAE")
     "*.thm",  # camera thumbnails beside videos and raws (Canon, GoPro)
-    "*:Zone.Identifier",  # Windows' "downloaded from" stream, a file of its own once copied off NTFS
+    # NTFS alternate data streams, each a file of its own once copied off Windows
+    # ("photo.jpg:Zone.Identifier", also with the ":$DATA" stream type spelled out)
+    "*:Zone.Identifier",
+    "*:Zone.Identifier:$DATA",
+    "*:SmartScreen",
+    "*:com.dropbox.attrs",
+    "*:encryptable",
+    "*:$DATA",
     "*.pp3",  # RawTherapee processing profiles
     "*.dop",  # DxO PhotoLab
     "*.on1",  # ON1 Photo RAW
+    "*.cos",  # Capture One settings
+    "*.dr4",  # Canon Digital Photo Professional recipes
+    "*.vrd",  # Canon recipe data
+    "Picasa.ini",  # Picasa's per-folder edits
+    "*.supplemental-metadata.json",  # Google Takeout ("IMG_1.jpg.supplemental-metadata.json")
+    "*.*.json",  # Google Takeout, older ("IMG_1.jpg.json"): never an image anyway
 )
 """Metadata side files, ignored by default (case-insensitive fnmatch on the name)."""
 

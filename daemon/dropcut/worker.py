@@ -1,17 +1,33 @@
-"""Set-up of an inspection worker process (the pool :mod:`dropcut.admit` starts for a
-backlog). Kept apart and small: a worker imports this module and :mod:`dropcut.inspect`,
-nothing of the daemon itself.
+"""Worker processes: the pools that inspect a backlog (:mod:`dropcut.admit`) and make
+proxies and renders (:mod:`dropcut.produce`), and the set-up of each worker. Kept apart
+and small: a worker imports this module and the stage it runs (:mod:`dropcut.inspect`,
+:mod:`dropcut.decode`, :mod:`dropcut.render`), nothing of the daemon itself.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import select
 import signal
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 from dropcut.harden import disable_core_dumps
+
+
+def pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes that end with this (the daemon's) process.
+
+    forkserver: the workers are not forks of this threaded process (watchdog, asyncio) and
+    inherit none of its file descriptors (the state lock)."""
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=start,
+        initargs=(os.getpid(),),
+    )
 
 
 def start(daemon_pid: int) -> None:
