@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,3 +52,15 @@ def spawn() -> Iterator[Any]:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.proc.kill()
             proc.proc.wait(10)
+
+
+@pytest.fixture
+def immutable() -> Iterator[list[Path]]:
+    """Folders made immutable (EPERM even for root) during a test, by
+    :func:`tests.support.make_immutable`; cleared afterwards."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    made: list[Path] = []
+    yield made
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=False)

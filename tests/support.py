@@ -279,3 +279,14 @@ def json_events(lines: Iterable[str], name: str | None = None) -> list[dict[str,
         if isinstance(event, dict) and (name is None or event.get("event") == name):
             out.append(event)
     return out
+
+
+def make_immutable(made: list[Path], path: Path) -> None:
+    """``chattr +i path`` (EPERM even for root), remembered in ``made`` (the ``immutable``
+    fixture clears them); skips the test where the flag cannot be set."""
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot set the immutable flag here: {done.stderr.strip()}")
+    made.append(path)

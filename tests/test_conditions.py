@@ -5,10 +5,8 @@ requests at once, a local pause re-checked on its own schedule."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,26 +14,7 @@ import pytest
 from dropcut.dispatch import outage_step
 from dropcut.queue import JobQueue, NewJob, connect
 from tests.fake_api import FakeWithoutBG
-from tests.support import API_KEY, Folders, InProcessDaemon, drop, image_bytes, wait_for
-
-
-@pytest.fixture
-def immutable() -> Iterator[list[Path]]:
-    """Folders made immutable (EPERM even for root) during a test; cleared afterwards."""
-    if shutil.which("chattr") is None:
-        pytest.skip("chattr is not installed")
-    made: list[Path] = []
-    yield made
-    for path in made:
-        subprocess.run(["chattr", "-i", str(path)], check=False)
-
-
-def make_immutable(made: list[Path], path: Path) -> None:
-    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot set the immutable flag here: {done.stderr.strip()}")
-    made.append(path)
-
+from tests.support import API_KEY, Folders, InProcessDaemon, drop, image_bytes, make_immutable, wait_for
 
 # --- item 11: an output that cannot be placed -------------------------------------------
 

@@ -3,15 +3,11 @@ a result cache that cannot be written, an input that may not be moved (EPERM).""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.fake_api import FakeWithoutBG
-from tests.support import Folders, InProcessDaemon, drop, image_bytes, wait_for
+from tests.support import Folders, InProcessDaemon, drop, image_bytes, make_immutable, wait_for
 
 
 def test_an_upload_answer_that_cannot_be_decoded_is_retried(folders: Folders, api: FakeWithoutBG) -> None:
@@ -36,29 +32,6 @@ def test_a_credit_answer_that_cannot_be_decoded_does_not_stop_the_daemon(
         wait_for(lambda: (folders.archive / "a.jpg").exists())
         assert not run.logs.events("stage_crashed")
     assert run.result == 0
-
-
-def chattr(flag: str, path: Path) -> None:
-    subprocess.run(["chattr", flag, str(path)], check=True, capture_output=True)
-
-
-@pytest.fixture
-def immutable() -> Iterator[list[Path]]:
-    """Folders made immutable (EPERM even for root) during a test; cleared afterwards."""
-    if shutil.which("chattr") is None:
-        pytest.skip("chattr is not installed")
-    made: list[Path] = []
-    yield made
-    for path in made:
-        subprocess.run(["chattr", "-i", str(path)], check=False)
-
-
-def make_immutable(made: list[Path], path: Path) -> None:
-    try:
-        chattr("+i", path)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot set the immutable flag here: {exc.stderr.decode().strip()}")
-    made.append(path)
 
 
 def test_an_unwritable_result_cache_costs_no_output(
@@ -95,7 +68,7 @@ def test_an_input_that_may_not_be_moved_waits_survives_a_restart_and_is_moved_la
         assert (folders.outbox / "sub" / "a.png").exists()
     with InProcessDaemon(settings) as run:  # a restart with the job still waiting
         wait_for(lambda: run.logs.events("daemon_started"))
-        chattr("-i", folders.inbox / "sub")
+        subprocess.run(["chattr", "-i", str(folders.inbox / "sub")], check=True)
         wait_for(lambda: (folders.archive / "sub" / "a.jpg").exists())
         assert [e["file"] for e in run.logs.events("input_disposed")] == ["sub/a.jpg"]
     assert (folders.archive / "sub" / "a.jpg").read_bytes() == data
@@ -118,7 +91,7 @@ def test_a_refusal_that_cannot_be_quarantined_is_not_sent_again(
         wait_for(lambda: len(run.logs.events("rescan_done")) >= 3)
         assert [r.status for r in api.records()] == [422], "a refused file is not sent again"
         assert (folders.inbox / "a.jpg").exists()
-        chattr("-i", folders.quarantine)
+        subprocess.run(["chattr", "-i", str(folders.quarantine)], check=True)
         wait_for(lambda: (folders.quarantine / "a.jpg.error.json").exists())
         wait_for(lambda: (folders.quarantine / "a.jpg").exists())
     assert not (folders.inbox / "a.jpg").exists()
