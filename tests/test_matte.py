@@ -219,3 +219,22 @@ def test_the_output_keeps_the_originals_icc_profile_and_pixels(
     with Image.open(folders.outbox / "p3.png") as out:
         assert out.info.get("icc_profile") == p3
         assert out.convert("RGB").tobytes() == original.tobytes()
+
+
+def test_the_proxy_is_made_when_the_file_is_queued_and_removed_with_the_job(
+    folders: Folders, api: FakeWithoutBG
+) -> None:
+    """Off the request's path: by the time a rate-limit slot opens the proxy is there
+    (made while inspecting), and it goes when the job is done."""
+    from dropcut.settings import Settings
+
+    api.latency = 1.0
+    with InProcessDaemon(Settings(**matte_settings(folders, api))) as run:
+        drop(folders.inbox, "a.jpg", scene(2000, 1500, seed=9))
+        queued = wait_for(lambda: run.logs.events("job_queued"))[0]
+        proxy = folders.state / "spool" / f"{queued['sha256']}.proxy-1024"
+        assert proxy.is_file()
+        with Image.open(proxy) as img:
+            assert img.size == (1024, 768) and img.format == "JPEG"
+        wait_for(lambda: run.logs.events("input_disposed"), timeout=30)
+        assert not proxy.exists()

@@ -303,6 +303,7 @@ class Admission:
                         max_upload_bytes=s.api_max_upload_bytes if cutout else None,
                         multi_frame=s.multi_frame,
                         api_formats_only=cutout,  # (the API takes no HEIC or AVIF)
+                        proxy_max_side=None if cutout else s.proxy_max_side,
                     )
                     if len(batch) >= POOL_MIN_BATCH:
                         # A backlog: inspection is most of the CPU, and the GIL would keep

@@ -747,6 +747,10 @@ class DecodeError(ValueError):
         return (DecodeError, (self.failure,))
 
 
+PROXY_JPEG_QUALITY = 90
+"""The proxy's JPEG quality (the issue asks for at least 90)."""
+
+
 @dataclass(frozen=True)
 class Proxy:
     """The proxy :func:`make_proxy` wrote: ``size`` (width, height) in pixels, upright;
@@ -1196,7 +1200,7 @@ def make_proxy(
     dest: Path,
     *,
     max_side: int = 1024,
-    quality: int = 92,
+    quality: int = PROXY_JPEG_QUALITY,
     max_pixels: int | None = None,
     timeout: float | None = DEFAULT_DECODE_TIMEOUT_SECONDS,
 ) -> Proxy:
@@ -1211,7 +1215,9 @@ def make_proxy(
     least the target), other formats are ``reduce``d by an integer factor, then LANCZOS to
     the exact size.  A 45 MP JPEG thus never costs a full-size decode.
 
-    Written as a JPEG (``quality``, 4:4:4 chroma, no metadata but the sRGB profile) or,
+    Written as a JPEG (``quality``, 90 by default; 4:2:0 chroma: the model infers a matte,
+    for which chroma at half resolution is plenty, and the upload is ~25 % smaller; no
+    metadata but the sRGB profile) or,
     if the image has transparency, as an RGBA PNG; no EXIF (no GPS position leaves the
     machine).  Written atomically: a temp file in ``dest``'s folder, fsynced, renamed
     over ``dest``, the folder fsynced.
@@ -1249,7 +1255,7 @@ def make_proxy(
         if fmt == "PNG":
             pixels.save(fp, "PNG", icc_profile=srgb_icc(), compress_level=6)
         else:
-            pixels.save(fp, "JPEG", quality=quality, subsampling=0, optimize=True, icc_profile=srgb_icc())
+            pixels.save(fp, "JPEG", quality=quality, subsampling=2, optimize=True, icc_profile=srgb_icc())
 
     written = _write_atomically(dest, save)
     return Proxy(size=pixels.size, format=fmt, bytes=written)

@@ -45,12 +45,15 @@ from dropcut.decode import (
     DEFAULT_MAX_DECODE_BYTES,
     SUPPORTED_FORMATS,
     Budget,
+    DecodeError,
     DecodeFailure,
     MultiFrame,
     RefusalCode,
     camera_raw_kind,
     check_image,
+    make_proxy,
 )
+from dropcut.paths import proxy_name
 
 __all__ = [
     "API_FORMATS",
@@ -745,6 +748,36 @@ def _finalize_spool(tmp_path: Path, spool_path: Path, sha256: str, size: int, *,
         os.close(dir_fd)
 
 
+def _with_proxy(
+    result: Inspected, spool_dir: Path, max_side: int, max_pixels: int | None, timeout: float
+) -> Inspection:
+    """``result``, its proxy made in the spool; or the refusal of a file whose proxy
+    cannot be made (its spooled copy removed)."""
+    try:
+        make_proxy(
+            result.spool_path,
+            spool_dir / proxy_name(result.sha256, max_side),
+            max_side=max_side,
+            max_pixels=max_pixels,
+            timeout=timeout,
+        )
+    except DecodeError as exc:
+        result.spool_path.unlink(missing_ok=True)
+        return Refused(
+            result.rel_path,
+            exc.status,
+            exc.code,
+            exc.detail,
+            result.sha256,
+            result.size,
+            result.mtime_ns,
+            result.inode,
+            result.device,
+            result.ctime_ns,
+        )
+    return result
+
+
 INSPECT_SLICE_SECONDS = 0.2  # a batch's results are handed back at least this often
 
 
@@ -762,6 +795,7 @@ def inspect_some(
     max_upload_bytes: int | None = None,
     multi_frame: MultiFrame = "first",
     api_formats_only: bool = False,
+    proxy_max_side: int | None = None,
 ) -> tuple[list[Inspection | Exception], list[Note]]:
     """Inspect ``rels`` in order until done or the time slice is used up; an exception is
     returned in place of its file's result. Runs in a worker thread or process.
@@ -773,7 +807,10 @@ def inspect_some(
     a context each file is inspected in (the daemon binds the file to its log events).
     ``decode_timeout`` (seconds) and ``max_decode_bytes`` bound each file's decode check;
     ``max_upload_bytes``, ``multi_frame`` and ``api_formats_only`` are the API mode's
-    limits (see :func:`inspect_file`)."""
+    limits (see :func:`inspect_file`). With ``proxy_max_side`` (matte mode) an admitted
+    file's proxy is made here too (:func:`dropcut.decode.make_proxy`, into the spool as
+    :func:`dropcut.paths.proxy_name`), off the request's path: a file whose proxy cannot
+    be made is refused like one that does not decode."""
     out: list[Inspection | Exception] = []
     until = time.monotonic() + INSPECT_SLICE_SECONDS
     with Capture() if capture else contextlib.nullcontext() as captured:
@@ -786,21 +823,22 @@ def inspect_some(
                 context = contextlib.nullcontext()
             with context:
                 try:
-                    out.append(
-                        inspect_file(
-                            inbox,
-                            rel,
-                            spool_dir=spool_dir,
-                            max_bytes=max_bytes,
-                            max_pixels=max_pixels,
-                            sync=False,
-                            decode_timeout=decode_timeout,
-                            max_decode_bytes=max_decode_bytes,
-                            max_upload_bytes=max_upload_bytes,
-                            multi_frame=multi_frame,
-                            api_formats_only=api_formats_only,
-                        )
+                    result = inspect_file(
+                        inbox,
+                        rel,
+                        spool_dir=spool_dir,
+                        max_bytes=max_bytes,
+                        max_pixels=max_pixels,
+                        sync=False,
+                        decode_timeout=decode_timeout,
+                        max_decode_bytes=max_decode_bytes,
+                        max_upload_bytes=max_upload_bytes,
+                        multi_frame=multi_frame,
+                        api_formats_only=api_formats_only,
                     )
+                    if proxy_max_side is not None and isinstance(result, Inspected):
+                        result = _with_proxy(result, spool_dir, proxy_max_side, max_pixels, decode_timeout)
+                    out.append(result)
                 except Exception as exc:
                     out.append(exc)
             if time.monotonic() >= until:

@@ -57,7 +57,7 @@ class Layout:
 
     def proxy_file(self, sha256: str, max_side: int) -> Path:
         """The proxy of a spooled input (matte mode): derived, kept until the job ends."""
-        return self.spool_dir / f"{sha256}.proxy-{max_side}"
+        return self.spool_dir / proxy_name(sha256, max_side)
 
     def staging(self, root: Path) -> Path:
         return root / STAGING_DIR
@@ -65,6 +65,11 @@ class Layout:
     def output_roots(self) -> tuple[Path, ...]:
         """Folders the daemon writes into (each gets a staging folder)."""
         return (self.outbox, self.archive, self.quarantine)
+
+
+def proxy_name(sha256: str, max_side: int) -> str:
+    """The proxy's file name in the spool, beside the input's ``<sha256>``."""
+    return f"{sha256}.proxy-{max_side}"
 
 
 def result_key(sha256: str, api_mode: str, proxy_max_side: int) -> str:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # (the daemon itself decodes nothing: the workers import deco
 __all__ = ["Producer", "make_proxy_file", "render_file"]
 
 RENDER_WORKERS = 2  # renders at once (two cores)
+RENDER_NICE = 10  # renders are background work: the event loop and the proxies come first
 PROXY_WORKERS = 1  # proxies have a worker of their own: the next request never waits for a render
 T = TypeVar("T")
 
@@ -65,13 +66,14 @@ class _Pool:
     """A pool of worker processes started on first use, and started anew after a worker
     died (the OOM killer, a crash in a decoder: that call fails like any attempt)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, nice: int = 0) -> None:
         self._workers = workers
+        self._nice = nice
         self._pool: ProcessPoolExecutor | None = None
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         if self._pool is None:
-            self._pool = worker.pool(self._workers)
+            self._pool = worker.pool(self._workers, nice=self._nice)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except BrokenProcessPool:
@@ -89,7 +91,7 @@ class Producer:
     in a pool of their own, so that a request never waits behind renders."""
 
     def __init__(self, *, render_workers: int = RENDER_WORKERS, proxy_workers: int = PROXY_WORKERS) -> None:
-        self._renders = _Pool(render_workers)
+        self._renders = _Pool(render_workers, nice=RENDER_NICE)
         self._proxies = _Pool(proxy_workers)
 
     async def proxy(

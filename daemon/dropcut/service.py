@@ -49,7 +49,7 @@ from dropcut.watch import InboxWatcher, ObserverFactory, detect_mode, inbox_prob
 HEALTH_SECONDS = 2.0
 STATUS_SECONDS = 2.0
 INSPECTORS = 2
-SHA_NAME = re.compile(r"^[0-9a-f]{64}$")
+SHA_NAME = re.compile(r"^([0-9a-f]{64})(\.proxy-\d+)?$")  # a spooled input, or its proxy
 WATCH_STOP_SECONDS = 2.0  # at shutdown, how long to wait for the watch threads to end
 THREADS_STOP_SECONDS = 1.0  # at exit, how long to wait for file-system calls still running
 IO_THREADS = 32  # file-system calls at once (as asyncio's default executor allows)
@@ -347,7 +347,8 @@ class Daemon:
     def _sweep_spool(self) -> int:
         removed = 0
         for entry in os.scandir(self.layout.spool_dir):
-            if SHA_NAME.match(entry.name) and self.queue.sha_still_needed(entry.name):
+            spooled = SHA_NAME.match(entry.name)
+            if spooled and self.queue.sha_still_needed(spooled.group(1)):
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)

@@ -17,8 +17,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dropcut.harden import disable_core_dumps
 
 
-def pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` processes that end with this (the daemon's) process.
+def pool(workers: int, *, nice: int = 0) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes that end with this (the daemon's) process, at
+    ``nice`` (added to the daemon's niceness: background work such as renders yields the
+    CPU to the event loop and to the proxies that the next requests wait for).
 
     forkserver: the workers are not forks of this threaded process (watchdog, asyncio) and
     inherit none of its file descriptors (the state lock)."""
@@ -26,16 +28,21 @@ def pool(workers: int) -> ProcessPoolExecutor:
         max_workers=workers,
         mp_context=multiprocessing.get_context("forkserver"),
         initializer=start,
-        initargs=(os.getpid(),),
+        initargs=(os.getpid(), nice),
     )
 
 
-def start(daemon_pid: int) -> None:
+def start(daemon_pid: int, nice: int = 0) -> None:
     """In an inspection worker process: end when the daemon ends, even a SIGKILLed one
     (outside systemd nothing else would: the forkserver, the workers and the resource
     tracker hold each other's pipes open); and leave Ctrl-C to the daemon, which stops the
     pool itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:  # a sandbox that refuses setpriority: same work, normal priority
+            pass
     disable_core_dumps()  # (an exec made this process dumpable again)
     threading.Thread(target=_exit_with, args=(daemon_pid,), name="dropcut-daemon-watch", daemon=True).start()
 
