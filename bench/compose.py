@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+WHITE = (255, 255, 255)
 CACHE = Path(tempfile.gettempdir()) / "dropcut-bench-compose"
 
 
@@ -33,6 +34,8 @@ def _vm(field: str) -> int:
 
 
 def child(prefix: Path, work_side: int) -> None:
+    from tests.test_compose import green_excess
+
     from dropcut.compose import (
         composite,
         crop_and_place,
@@ -41,7 +44,6 @@ def child(prefix: Path, work_side: int) -> None:
         save_mask,
         save_webp,
     )
-    from tests.test_compose import green_excess
 
     image = np.load(f"{prefix}-image.npy")
     alpha = np.load(f"{prefix}-alpha.npy")
@@ -62,8 +64,9 @@ def child(prefix: Path, work_side: int) -> None:
     side = max(w, h)
     square = step(
         "square_2048_place",
-        lambda: crop_and_place(white, (0, 0, w, h), 2048 / side, (2048, 2048), (0, (2048 - round(h * 2048 / side)) // 2),
-                               (255, 255, 255)),
+        lambda: crop_and_place(
+            white, (0, 0, w, h), 2048 / side, (2048, 2048), (0, (2048 - round(h * 2048 / side)) // 2), WHITE
+        ),
     )
     step("square_2048_jpeg", lambda: save_jpeg(square, out_dir / "s.jpg", icc_profile=None, exif=None))
     rgba = step("composite_transparent", lambda: composite(image, alpha, None, foreground=fg))
@@ -72,7 +75,6 @@ def child(prefix: Path, work_side: int) -> None:
         lambda: crop_and_place(rgba, (0, 0, w, h), 2048 / side, (2048, round(h * 2048 / side)), (0, 0), None),
     )
     step("webp_2048_rgba_q85_m2", lambda: save_webp(web, out_dir / "t.webp", icc_profile=None, exif=None))
-    del rgba, web
     step("mask_full_png", lambda: save_mask(alpha, out_dir / "m.png"))
     band = (alpha > 0) & (alpha < 255)
     with Image.open(out_dir / "w.jpg") as im:

@@ -49,6 +49,8 @@ DIR_CACHE = 65536  # folders whose ignore verdict is remembered
 SETTLE_BATCH = 2048  # candidates looked at per settle step (the loop stays responsive)
 INSPECT_BATCH = 256  # admitted files one inspector takes at once (one thread hop, one commit)
 POOL_MIN_BATCH = 64  # a batch this large (a backlog) is inspected in worker processes
+INSPECT_BATCH_BYTES = 32 * 1024 * 1024  # ... and one inspector takes at most this much at once:
+# camera photos (a decode and a proxy each) are shared out between the inspectors
 POOL_WORKERS = 2
 
 
@@ -288,8 +290,10 @@ class Admission:
         """
         while True:
             batch = [await self._work.get()]
-            while len(batch) < INSPECT_BATCH and not self._work.empty():
+            taken = batch[0][1].size
+            while len(batch) < INSPECT_BATCH and taken < INSPECT_BATCH_BYTES and not self._work.empty():
                 batch.append(self._work.get_nowait())
+                taken += batch[-1][1].size
             try:
                 while batch:
                     s = self.settings

@@ -33,7 +33,10 @@ machine, i.e. ~12 s and ~2 GB at 24 MP. Here (pure numpy, same energy and parame
    the pixel itself. Opaque pixels (α = 255) keep F = I exactly; transparent ones too
    (their F is never seen).
 
-Measured (``python -m bench.compose``): ~1 s at 24 MP on two cores, peak ~+150 MB.
+Measured (``python -m bench.compose``, 6000×4000 green-screen scene, 250 k band pixels):
+1.8 s at 24 MP, peak +200 MB above the inputs (the 69 MB output included); on a 1.5 MP
+scene the error of F against the truth in the band is 4.4 levels here vs 4.5 for pymatting
+(74 for the raw image).
 """
 
 from __future__ import annotations
@@ -128,9 +131,7 @@ def _shifted(x: _F32, dy: int, dx: int) -> _F32:
     return out
 
 
-def _solve(
-    img: _F32, a: _F32, weight: _F32, sum_f: _F32, sum_b: _F32
-) -> tuple[_F32, _F32]:
+def _solve(img: _F32, a: _F32, weight: _F32, sum_f: _F32, sum_b: _F32) -> tuple[_F32, _F32]:
     """Per pixel: the 2×2 system of Germer et al. (eq. 9) for F and B, every channel,
     given α (n…), the summed neighbour weights W (n…) and Σ w_j F_j, Σ w_j B_j (n…, 3)."""
     a1 = 1.0 - a
@@ -231,14 +232,8 @@ def estimate_foreground(
     if work_side < 1:
         raise ValueError(f"work_side {work_side}: expected >= 1")
     height, width = a.shape
-    out = img.copy()
     if height == 0 or width == 0:
-        return out
-    opaque = a >= 255
-    clear = a == 0
-    f_mean = img[opaque].mean(axis=0) / 255.0 if opaque.any() else np.full(3, 0.5)
-    b_mean = img[clear].mean(axis=0) / 255.0 if clear.any() else np.full(3, 0.5)
-    del opaque, clear
+        return img.copy()
     s = min(1.0, work_side / max(width, height))
     ws, hs = max(1, round(width * s)), max(1, round(height * s))
     full = (ws, hs) == (width, height)
@@ -251,6 +246,12 @@ def estimate_foreground(
         small_img /= 255.0
         small_a = np.asarray(Image.fromarray(a).resize((ws, hs), box, reducing_gap=3.0), np.float32)
         small_a /= 255.0
+    # the initial (1×1) F and B: mean colours of the (nearly) opaque and clear pixels, as
+    # in the reference (thresholds 0.9 / 0.1), taken at the working resolution
+    opaque, clear = small_a > 0.9, small_a < 0.1
+    f_mean = small_img[opaque].mean(axis=0) if opaque.any() else np.full(3, 0.5)
+    b_mean = small_img[clear].mean(axis=0) if clear.any() else np.full(3, 0.5)
+    out = img.copy()  # (after the reduction: its temporary Pillow copy is gone)
     f_small, b_small = _multilevel(
         small_img, small_a, np.asarray(f_mean, np.float32), np.asarray(b_mean, np.float32)
     )
@@ -518,6 +519,7 @@ def save_jpeg(
     exif: bytes | None,
     quality: int = DEFAULT_JPEG_QUALITY,
     subsampling: int = DEFAULT_JPEG_SUBSAMPLING,
+    optimize: bool = False,
 ) -> int:
     """Write ``image`` as a baseline JPEG to ``dest`` and fsync it; returns its size in bytes.
 
@@ -526,7 +528,9 @@ def save_jpeg(
     (created or truncated; removed if writing fails). ``icc_profile``: the profile the
     pixels are in, or None; ``exif``: EXIF bytes with or without the ``Exif\\0\\0`` header
     (Orientation and GPS already handled by the caller), or None. ``quality``: 1–100;
-    ``subsampling``: 0 = 4:4:4 (default), 1 = 4:2:2, 2 = 4:2:0. Optimised Huffman tables.
+    ``subsampling``: 0 = 4:4:4 (default), 1 = 4:2:2, 2 = 4:2:0. ``optimize``: optimised
+    Huffman tables — a few % smaller, but libjpeg then holds every DCT coefficient of the
+    image (6 bytes a pixel at 4:4:4: +140 MB at 24 MP), so off by default.
 
     Raises ``ValueError`` for another mode, quality or subsampling out of range, or EXIF
     over 65533 bytes (one APP1 segment; Pillow's message); ``OSError`` for I/O failures.
@@ -536,7 +540,7 @@ def save_jpeg(
         raise ValueError(f"quality {quality}: expected 1-100")
     if subsampling not in (0, 1, 2):
         raise ValueError(f"subsampling {subsampling}: expected 0 (4:4:4), 1 (4:2:2) or 2 (4:2:0)")
-    params: dict[str, object] = {"quality": quality, "subsampling": subsampling, "optimize": True}
+    params: dict[str, object] = {"quality": quality, "subsampling": subsampling, "optimize": optimize}
     if icc_profile:
         params["icc_profile"] = icc_profile
     exif_bytes = _exif_with_header(exif)

@@ -266,9 +266,7 @@ class OutputSpec(BaseModel):
     @classmethod
     def _suffix(cls, value: str) -> str:
         if len(value) > MAX_SUFFIX_LEN or not _SUFFIX_RE.fullmatch(value):
-            raise _error(
-                f"{value!r}: at most {MAX_SUFFIX_LEN} of the characters A-Z a-z 0-9 . _ + -"
-            )
+            raise _error(f"{value!r}: at most {MAX_SUFFIX_LEN} of the characters A-Z a-z 0-9 . _ + -")
         return value
 
     @field_validator("folder")
@@ -297,9 +295,7 @@ class OutputSpec(BaseModel):
         fmt = values["format"]
         if fmt == "jpeg":
             if values["background"] == "transparent":
-                raise _error(
-                    'background: jpeg has no transparency: give a colour such as "#ffffff"' + where
-                )
+                raise _error('background: jpeg has no transparency: give a colour such as "#ffffff"' + where)
             values["background"] = values["background"] or "#ffffff"
         elif fmt == "mask":
             if values["background"] not in (None, "transparent"):
@@ -668,12 +664,8 @@ def layout(image_size: tuple[int, int], box: Box | None, spec: OutputSpec) -> La
         rx0, ry0, rx1, ry1 = bx0 - margin_src, by0 - margin_src, bx1 + margin_src, by1 + margin_src
     else:
         rx0, ry0, rx1, ry1 = 0.0, 0.0, float(width), float(height)
-    x0, x1, ox, pw = _axis(
-        max(wx0, rx0, 0.0), min(wx1, rx1, float(width)), wx0, scale, width, canvas[0]
-    )
-    y0, y1, oy, ph = _axis(
-        max(wy0, ry0, 0.0), min(wy1, ry1, float(height)), wy0, scale, height, canvas[1]
-    )
+    x0, x1, ox, pw = _axis(max(wx0, rx0, 0.0), min(wx1, rx1, float(width)), wx0, scale, width, canvas[0])
+    y0, y1, oy, ph = _axis(max(wy0, ry0, 0.0), min(wy1, ry1, float(height)), wy0, scale, height, canvas[1])
     return Layout(crop=(x0, y0, x1, y1), scale=scale, size=(pw, ph), canvas=canvas, offset=(ox, oy))
 
 
