@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import structlog
+from PIL import Image
 
 from dropcut.dispatch import retry_policy
+from dropcut.recipes import OutputSpec, folder_recipes, recipe_key
 from dropcut.service import Daemon
 from dropcut.settings import RESTART_KEYS, Settings, load_settings
 from dropcut.systemd import Notifier
@@ -108,13 +110,13 @@ def test_hung_loop_stops_watchdog_pings(tmp_path: Path, notify: NotifySocket, ap
     assert normal <= 0.15, f"pings every half WATCHDOG_USEC normally, got median {normal:.3f} s"
 
 
-def write_config(path: Path, folders: Folders, api_url: str, **values: object) -> Path:
+def write_config(path: Path, where: Folders, api_url: str, /, **values: object) -> Path:
     base: dict[str, object] = {
-        "inbox": str(folders.inbox),
-        "outbox": str(folders.outbox),
-        "quarantine": str(folders.quarantine),
-        "archive": str(folders.archive),
-        "state_dir": str(folders.state),
+        "inbox": str(where.inbox),
+        "outbox": str(where.outbox),
+        "quarantine": str(where.quarantine),
+        "archive": str(where.archive),
+        "state_dir": str(where.state),
         "api_url": api_url,
         "api_key": API_KEY,
         "debounce_seconds": 0.2,
@@ -129,7 +131,9 @@ def write_config(path: Path, folders: Folders, api_url: str, **values: object) -
     for key, value in base.items():
         if value is None:
             continue  # None: the key is left out (its default)
-        if isinstance(value, str | Path):
+        if isinstance(value, RawToml):
+            lines.append(f"{key} = {value.toml}")
+        elif isinstance(value, str | Path):
             lines.append(f"{key} = {json.dumps(str(value))}")
         elif isinstance(value, list | tuple | bool):
             lines.append(f"{key} = {json.dumps(value if isinstance(value, bool) else list(value))}")
@@ -190,9 +194,26 @@ def test_reload_with_broken_config_keeps_running(tmp_path: Path, api: FakeWithou
 
 # --- what a reload puts in force ------------------------------------------------------------
 
+
 # Every key a reload accepts, with a new value (the start values are in write_config and in
 # RELOAD_START). The test checks each in the component that uses it; a key that is neither
 # here nor in RESTART_KEYS fails the test, so a new setting needs a decision.
+class RawToml(str):
+    """A value written into the TOML file as ``toml`` and compared as the string it is
+    (for recipes: their :func:`recipe_key`, which is what the running daemon is checked by)."""
+
+    toml: str
+
+    def __new__(cls, value: str, toml: str) -> RawToml:
+        self = super().__new__(cls, value)
+        self.toml = toml
+        return self
+
+
+def folders_key(folders: dict[str, tuple[OutputSpec, ...]]) -> str:
+    return ";".join(f"{name}={recipe_key(specs)}" for name, specs in sorted(folders.items()))
+
+
 RELOAD_START: dict[str, object] = {
     "watch_mode": "poll",
     "poll_interval_seconds": 60.0,  # no poll during the test unless the reload applies 0.2
@@ -228,6 +249,10 @@ RELOADED: dict[str, object] = {
     "result_cache_bytes": 12345,
     "shutdown_grace_seconds": 4.0,
     "log_level": "debug",
+    "outputs": RawToml(recipe_key([OutputSpec(preset="white-jpeg")]), '[{preset = "white-jpeg"}]'),
+    "folders": RawToml(
+        folders_key({"web": (OutputSpec(preset="webp"),)}), '{web = {outputs = [{preset = "webp"}]}}'
+    ),
 }
 
 
@@ -256,6 +281,8 @@ def in_force(d: Daemon) -> dict[str, object]:
         "ignore_dirs": list(d.admission.settings.ignore_dirs),
         "max_file_bytes": d.admission.settings.max_file_bytes,
         "max_pixels": d.admission.settings.max_pixels,
+        "outputs": recipe_key(d.admission.settings.outputs),
+        "folders": folders_key(folder_recipes(d.admission.settings.folders)),
         "decode_timeout_seconds": d.admission.settings.decode_timeout_seconds,
         "api_max_upload_bytes": d.admission.settings.api_max_upload_bytes,
         "multi_frame": d.admission.settings.multi_frame,
@@ -304,9 +331,12 @@ def test_reload_puts_every_other_key_in_force(tmp_path: Path, api: FakeWithoutBG
         # ignore_patterns
         drop(folders.inbox, "c.skip", b"not an image")
         wait_for(lambda: any(e.get("file") == "c.skip" for e in run.logs.events("file_ignored")))
-        # api_key_file (the server refuses the old key) and on_success = delete
+        # api_key_file (the server refuses the old key), on_success = delete, and outputs:
+        # the white JPEG recipe
         drop(folders.inbox, "b.jpg", image_bytes(seed=5))
-        wait_for(lambda: (folders.outbox / "b.png").exists() and not (folders.inbox / "b.jpg").exists())
+        wait_for(lambda: (folders.outbox / "b.jpg").exists() and not (folders.inbox / "b.jpg").exists())
+        with Image.open(folders.outbox / "b.jpg") as out:
+            assert out.format == "JPEG" and out.mode == "RGB"
         assert not (folders.archive / "b.jpg").exists()
         assert not run.logs.events("queue_paused")
     assert "new-key" not in run.logs.text()

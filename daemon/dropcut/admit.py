@@ -9,6 +9,7 @@ records the results in the queue in batches. Files refused here never reach the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import heapq
 import os
@@ -24,9 +25,10 @@ import structlog
 from dropcut import inspect as insp
 from dropcut import worker
 from dropcut.capture import Note
-from dropcut.paths import HELD_PREFIX, output_candidates, output_key
+from dropcut.paths import HELD_PREFIX, output_key
 from dropcut.publish import Publisher
 from dropcut.queue import JobQueue, NewJob, Signature
+from dropcut.recipes import OutputSpec, folder_recipes, output_name_sets, recipe_for, recipe_json
 from dropcut.settings import Settings
 from dropcut.settle import (
     CorruptVerdict,
@@ -383,9 +385,13 @@ class Admission:
                 jobs.append(job)
         if not jobs:
             return
+        recipes = {job.rel_path: self._recipe(job.rel_path) for job in jobs}
+        jobs = [dataclasses.replace(job, recipe=recipe_json(recipes[job.rel_path])) for job in jobs]
         try:
             queued = self._queue.enqueue_many(
-                jobs, requeue_done=self.settings.on_success != "keep", outputs=(output_candidates, output_key)
+                jobs,
+                requeue_done=self.settings.on_success != "keep",
+                outputs=(lambda rel: output_name_sets(rel, recipes[rel]), output_key),
             )
         except Exception:
             for job in jobs:
@@ -398,6 +404,11 @@ class Admission:
             else:
                 self._log.info("job_duplicate", file=new.rel_path, sha256=new.sha256, state=what)
         self._on_queued()
+
+    def _recipe(self, rel_path: str) -> tuple[OutputSpec, ...]:
+        """The outputs ``rel_path`` gets: its folder's recipe, else the inbox's."""
+        s = self.settings
+        return recipe_for(rel_path, s.outputs, folder_recipes(s.folders))
 
     def _handle(self, rel: str, seen: Seen, result: insp.Inspection) -> NewJob | None:
         """Act on one result; an admitted file is returned as the job to queue."""

@@ -30,10 +30,11 @@ from dropcut.client import WithoutBG
 from dropcut.decode import DecodeError
 from dropcut.judge import Code, Outcome, Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
 from dropcut.pace import Pacer
-from dropcut.paths import Layout, output_candidates, output_key, result_key
+from dropcut.paths import Layout, output_key, result_key
 from dropcut.produce import Producer
 from dropcut.publish import Publisher, copy_to_staging, new_staging_file
 from dropcut.queue import Job, JobQueue
+from dropcut.recipes import output_name_sets, recipe_from_json
 from dropcut.settings import Settings
 from dropcut.watch import inbox_problem
 
@@ -57,6 +58,11 @@ class _Upload:
     format: str
     expected_size: tuple[int, int] | None
     send: Callable[..., Awaitable[Outcome]]
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _text(exc: BaseException) -> str:
@@ -263,7 +269,7 @@ class Dispatcher:
         if cached is not None and self.settings.api_mode == "cutout":
             log.info("result_reused")
             staged = await asyncio.to_thread(self._copy_to_outbox_staging, cached)
-            await self._publish(job, staged, log, from_cache=True)
+            await self._publish(job, [staged], log, from_cache=True)
             return
         if not spool.exists():
             # The validated bytes are gone (state folder tampered with): forget the
@@ -378,25 +384,31 @@ class Dispatcher:
         s = self.settings
         return result_key(job.sha256, s.api_mode, s.proxy_max_side)
 
-    async def _render(self, job: Job, spool: Path, matte: Path, log: BoundLogger) -> Path | None:
-        """The cut-out of the spooled original with ``matte``, rendered into the outbox's
-        staging in a worker process; None when it failed (an attempt with backoff)."""
-        staged = new_staging_file(self._layout.outbox)
-        log.info("render_started")
+    async def _render(self, job: Job, spool: Path, matte: Path, log: BoundLogger) -> list[Path] | None:
+        """Every output of the job's recipe from the spooled original and ``matte``,
+        rendered into the outbox's staging in a worker process, in the recipe's order;
+        None when it failed (an attempt with backoff)."""
+        staged = [new_staging_file(self._layout.outbox) for _ in recipe_from_json(job.recipe)]
+        log.info("render_started", outputs=len(staged))
         try:
             seconds = await self._producer.render(
-                spool, matte, staged, strip_gps=self.settings.strip_gps, max_pixels=self.settings.max_pixels
+                spool,
+                matte,
+                staged,
+                recipe=job.recipe,
+                strip_gps=self.settings.strip_gps,
+                max_pixels=self.settings.max_pixels,
             )
         except asyncio.CancelledError:
-            staged.unlink(missing_ok=True)
+            _unlink_all(staged)
             raise
         except Exception as exc:
-            staged.unlink(missing_ok=True)
+            _unlink_all(staged)
             if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
                 raise
             self._attempt_failed(job, RENDER_FAILED, f"cannot render the cut-out: {_text(exc)}", log)
             return None
-        log.info("output_rendered", seconds=round(seconds, 3))
+        log.info("output_rendered", seconds=round(seconds, 3), outputs=len(staged))
         return staged
 
     async def _upload_of(self, job: Job, spool: Path, log: BoundLogger) -> _Upload | None:
@@ -495,7 +507,7 @@ class Dispatcher:
                     )
                     handed_over = True
                     if self.settings.api_mode == "cutout":
-                        await self._publish(job, staged, log, from_cache=False, entry=entry)
+                        await self._publish(job, [staged], log, from_cache=False, entry=entry)
                     else:
                         self._finish_later(job, spool, staged, log, entry=entry)
                 case Retry():
@@ -536,7 +548,7 @@ class Dispatcher:
     async def _publish(
         self,
         job: Job,
-        staged: Path,
+        staged: list[Path],
         log: BoundLogger,
         *,
         from_cache: bool,
@@ -546,7 +558,7 @@ class Dispatcher:
         if self._queue.superseded(job):
             # Newer content was dropped under this name meanwhile: its result, not this
             # stale one, belongs in the outbox.
-            staged.unlink(missing_ok=True)
+            _unlink_all(staged)
             self._queue.mark_published(job.id, "", record)
             log.info("output_superseded")
             self.finish_published(self._queue.get(job.id) or job)
@@ -555,20 +567,25 @@ class Dispatcher:
         if where in ("gone", "changed"):
             # Deleted, replaced or renamed (its folder too) while the answer was on its way:
             # no output under a name the user no longer uses; the answer is in the cache.
-            staged.unlink(missing_ok=True)
+            _unlink_all(staged)
             self._cancel(job, where, log, paid=not from_cache)
             return
-        out_rel = self._queue.claim_output(job.rel_path, output_candidates(job.rel_path), output_key)
-        try:
-            self._publisher.place_output(staged, out_rel)
-        except OSError as exc:
-            staged.unlink(missing_ok=True)
-            if exc.errno in DISK_ERRNOS:
-                raise
-            self._output_failed(job, out_rel, exc, log)
-            return
-        self._queue.mark_published(job.id, out_rel, record)
-        log.info("output_written", output=out_rel, cached=from_cache)
+        # Every output of the recipe, each placed atomically; the input is disposed of
+        # only once all are (a crash in between: the job is still in flight, and the set
+        # is rendered again from the cached matte after the restart, no new request).
+        specs = recipe_from_json(job.recipe)
+        names = self._queue.claim_outputs(job.rel_path, output_name_sets(job.rel_path, specs), output_key)
+        for i, (path, out_rel) in enumerate(zip(staged, names, strict=True)):
+            try:
+                self._publisher.place_output(path, out_rel)
+            except OSError as exc:
+                _unlink_all(staged[i:])
+                if exc.errno in DISK_ERRNOS:
+                    raise
+                self._output_failed(job, out_rel, exc, log)
+                return
+            log.info("output_written", output=out_rel, cached=from_cache)
+        self._queue.mark_published(job.id, names[0], record)
         self.finish_published(self._queue.get(job.id) or job)
 
     def _outbox_problem(self) -> str | None:

@@ -49,17 +49,22 @@ def make_proxy_file(source: Path, dest: Path, max_side: int, max_pixels: int, ti
     return make_proxy(source, dest, max_side=max_side, max_pixels=max_pixels, timeout=timeout)
 
 
-def render_file(source: Path, matte: Path, dest: Path, strip_gps: bool, max_pixels: int) -> float:
-    """In a worker process: the straight-alpha RGBA cut-out of ``source`` (the original,
-    as a person sees it) with the alpha matte ``matte`` upsampled to its full resolution,
-    written and fsynced to ``dest``; returns the seconds it took. Raises
+def render_file(
+    source: Path, matte: Path, dests: list[Path], recipe: str | None, strip_gps: bool, max_pixels: int
+) -> float:
+    """In a worker process: every output of ``recipe`` (:func:`dropcut.recipes.recipe_json`;
+    None: the transparent PNG) of ``source`` (the original, as a person sees it) with the
+    alpha matte ``matte`` upsampled to its full resolution, written and fsynced to
+    ``dests`` (one per output, in order); returns the seconds it took. Raises
     :class:`dropcut.decode.DecodeError` or :class:`dropcut.render.MatteError`."""
     from dropcut.decode import load_full
-    from dropcut.render import render_cutout
+    from dropcut.recipes import recipe_from_json
+    from dropcut.render import render_outputs
 
+    specs = recipe_from_json(recipe)
     full = load_full(source, strip_gps=strip_gps, max_pixels=max_pixels)
-    stats = render_cutout(full.image, matte, dest, icc_profile=full.icc_profile, exif=full.exif)
-    return float(stats.seconds)
+    outputs = list(zip(specs, dests, strict=True))
+    return float(render_outputs(full.image, matte, outputs, icc_profile=full.icc_profile, exif=full.exif))
 
 
 class _Pool:
@@ -101,10 +106,18 @@ class Producer:
         return await self._proxies.run(make_proxy_file, source, dest, max_side, max_pixels, timeout)
 
     async def render(
-        self, source: Path, matte: Path, dest: Path, *, strip_gps: bool, max_pixels: int
+        self,
+        source: Path,
+        matte: Path,
+        dests: list[Path],
+        *,
+        recipe: str | None,
+        strip_gps: bool,
+        max_pixels: int,
     ) -> float:
-        """The cut-out of ``source`` with ``matte``, rendered at ``dest`` in a worker process."""
-        return await self._renders.run(render_file, source, matte, dest, strip_gps, max_pixels)
+        """The outputs of ``recipe`` for ``source`` with ``matte``, rendered at ``dests``
+        in a worker process."""
+        return await self._renders.run(render_file, source, matte, dests, recipe, strip_gps, max_pixels)
 
     def close(self) -> None:
         """Stop the worker processes (a render under way is abandoned: its job goes back

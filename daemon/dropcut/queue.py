@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER NOT NULL DEFAULT 0,
     ctime_ns INTEGER NOT NULL DEFAULT 0,
     held_as TEXT,
-    frames INTEGER NOT NULL DEFAULT 1
+    frames INTEGER NOT NULL DEFAULT 1,
+    recipe TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_path_sha ON jobs (rel_path, sha256);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
@@ -102,6 +103,7 @@ class Job:
     history: list[dict[str, Any]] = field(default_factory=list)
     ctime_ns: int = 0
     held_as: str | None = None  # the private name its input was moved to for disposal
+    recipe: str | None = None  # JSON of its outputs' resolved specs (None: the default)
 
     @property
     def identity(self) -> tuple[int, int, int, int, int]:
@@ -109,9 +111,10 @@ class Job:
         return (self.size, self.mtime_ns, self.ctime_ns, self.inode, self.device)
 
 
-# How outputs are named: the candidate names for an input, and the key two names collide
-# on (both from dropcut.paths; passed in, so the queue knows no naming rules).
-OutputRule = tuple[Callable[[str], Iterable[str]], Callable[[str], str]]
+# How outputs are named: the candidate name sets for an input (one name per output of its
+# recipe), and the key two names collide on (from dropcut.recipes and dropcut.paths; passed
+# in, so the queue knows no naming rules).
+OutputRule = tuple[Callable[[str], Iterable[Sequence[str]]], Callable[[str], str]]
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class NewJob:
     first_seen: float
     ctime_ns: int = 0
     frames: int = 1  # frames in the file; only the first is processed (multi_frame = "first")
+    recipe: str | None = None  # the outputs it gets (JSON of resolved specs), decided when queued
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -145,6 +149,7 @@ def _job(row: sqlite3.Row) -> Job:
         history=json.loads(row["history"]),
         ctime_ns=row["ctime_ns"],
         held_as=row["held_as"],
+        recipe=row["recipe"],
     )
 
 
@@ -175,6 +180,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         ("ctime_ns", "INTEGER NOT NULL DEFAULT 0"),
         ("held_as", "TEXT"),
         ("frames", "INTEGER NOT NULL DEFAULT 1"),
+        ("recipe", "TEXT"),
     ):
         if column not in _columns(conn, "jobs"):
             with contextlib.suppress(sqlite3.OperationalError):  # added by another process meanwhile
@@ -326,8 +332,8 @@ class JobQueue:
                 if row is None:
                     cur = db.execute(
                         "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, ctime_ns, inode, device, "
-                        "format, state, first_seen, updated_at, seq, frames) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "format, state, first_seen, updated_at, seq, frames, recipe) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (
                             job.rel_path,
                             job.sha256,
@@ -342,6 +348,7 @@ class JobQueue:
                             now,
                             seq,
                             job.frames,
+                            job.recipe,
                         ),
                     )
                     existing[key] = (int(cur.lastrowid or 0), "queued")
@@ -373,9 +380,9 @@ class JobQueue:
                     # job another content got there meanwhile), so it takes a fresh seq.
                     db.execute(
                         "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=0, "
-                        "first_seen=?, updated_at=?, error=NULL, history='[]', held_as=NULL, seq=? "
-                        "WHERE id=?",
-                        (job.first_seen, now, seq, job_id),
+                        "first_seen=?, updated_at=?, error=NULL, history='[]', held_as=NULL, seq=?, "
+                        "recipe=? WHERE id=?",
+                        (job.first_seen, now, seq, job.recipe, job_id),
                     )
                     newest[job.rel_path] = seq
                     seq += 1
@@ -596,26 +603,36 @@ class JobQueue:
     def claim_output(self, rel_path: str, candidates: Iterable[str], key: Any) -> str:
         """The output name for ``rel_path``: the one it owns already, else the first
         candidate nobody owns (compared by ``key``, i.e. ignoring case)."""
+        return self.claim_outputs(rel_path, ([name] for name in candidates), key)[0]
+
+    def claim_outputs(self, rel_path: str, name_sets: Iterable[Sequence[str]], key: Any) -> list[str]:
+        """The output names for ``rel_path`` (one per output of its recipe): the first set
+        of candidates whose every name is free or ``rel_path``'s own already (compared by
+        ``key``, i.e. ignoring case); the names not yet its own are claimed."""
         with self._tx() as db:
-            return self._claim_in(db, rel_path, candidates, key)
+            return self._claim_in(db, rel_path, name_sets, key)
 
     @staticmethod
     def _claim_in(
         db: sqlite3.Connection,
         rel_path: str,
-        candidates: Callable[[str], Iterable[str]] | Iterable[str],
+        name_sets: Callable[[str], Iterable[Sequence[str]]] | Iterable[Sequence[str]],
         key: Any,
-    ) -> str:
-        row = db.execute("SELECT out_rel FROM outputs WHERE rel_path=? LIMIT 1", (rel_path,)).fetchone()
-        if row is not None:
-            return str(row[0])
-        for out_rel in candidates(rel_path) if callable(candidates) else candidates:
-            if db.execute("SELECT 1 FROM outputs WHERE out_key=?", (key(out_rel),)).fetchone() is None:
-                db.execute(
-                    "INSERT INTO outputs (out_key, out_rel, rel_path) VALUES (?,?,?)",
-                    (key(out_rel), out_rel, rel_path),
-                )
-                return out_rel
+    ) -> list[str]:
+        for names in name_sets(rel_path) if callable(name_sets) else name_sets:
+            owners = [
+                db.execute("SELECT rel_path FROM outputs WHERE out_key=?", (key(n),)).fetchone()
+                for n in names
+            ]
+            if any(owner is not None and owner[0] != rel_path for owner in owners):
+                continue
+            for name, owner in zip(names, owners, strict=True):
+                if owner is None:
+                    db.execute(
+                        "INSERT INTO outputs (out_key, out_rel, rel_path) VALUES (?,?,?)",
+                        (key(name), name, rel_path),
+                    )
+            return list(names)
         raise AssertionError("candidates is endless")
 
     # --- pacing history, pause state ---------------------------------------------------

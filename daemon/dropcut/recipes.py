@@ -50,10 +50,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, TypeAlias
 
-import numpy as np
-import numpy.typing as npt
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -68,6 +66,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from dropcut.paths import NAME_MAX, STAGING_DIR, fit_name, output_key
+
+if TYPE_CHECKING:  # numpy only where the geometry is computed (a render worker); the
+    import numpy as np  # daemon, which validates recipes, never needs it
+    import numpy.typing as npt
 
 Format: TypeAlias = Literal["png", "jpeg", "webp", "mask"]
 PresetName: TypeAlias = Literal["transparent", "mask", "white-jpeg", "amazon", "shopify", "webp"]
@@ -492,6 +494,23 @@ def recipe_key(specs: Sequence[OutputSpec]) -> str:
     return hashlib.sha256(("recipe-v1\n" + "\n".join(texts)).encode()).hexdigest()[:16]
 
 
+def recipe_json(specs: Sequence[OutputSpec]) -> str | None:
+    """A recipe as the queue records it with a job: JSON of its resolved specs, or None
+    for the default recipe (today's transparent PNG)."""
+    resolved = [spec.resolve() for spec in specs]
+    if resolved == [spec.resolve() for spec in DEFAULT_OUTPUTS]:
+        return None
+    return json.dumps([spec.model_dump(mode="json", exclude={"preset"}) for spec in resolved])
+
+
+def recipe_from_json(text: str | None) -> tuple[OutputSpec, ...]:
+    """The recipe :func:`recipe_json` recorded (None: the default). Raises
+    :class:`pydantic.ValidationError` for a record no spec can be made of."""
+    if text is None:
+        return DEFAULT_OUTPUTS
+    return tuple(OutputSpec.model_validate(item) for item in json.loads(text))
+
+
 # --- names --------------------------------------------------------------------------
 
 
@@ -546,6 +565,8 @@ def subject_box(alpha: npt.NDArray[np.uint8], threshold: int) -> Box | None:
     Raises:
         ValueError: ``alpha`` is not 2-D uint8, or ``threshold`` is outside 0-254.
     """
+    import numpy as np
+
     if alpha.ndim != 2 or alpha.dtype != np.uint8:
         raise ValueError(f"alpha must be a 2-D uint8 array, not {alpha.ndim}-D {alpha.dtype}")
     if not 0 <= threshold <= 254:
@@ -690,6 +711,8 @@ __all__ = [
     "output_name_sets",
     "output_names",
     "recipe_for",
+    "recipe_from_json",
+    "recipe_json",
     "recipe_key",
     "subject_box",
 ]

@@ -40,11 +40,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+
+if TYPE_CHECKING:
+    from dropcut.recipes import OutputSpec
 
 __all__ = [
     "DEFAULT_COLOUR_GUIDE",
@@ -604,3 +607,100 @@ def peak_rss_bytes() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def is_plain_cutout(spec: OutputSpec) -> bool:
+    """Is ``spec`` today's output: the transparent PNG at the photo's own size, uncropped
+    (rendered by :func:`render_cutout`, strip by strip, in the least memory)?"""
+    r = spec.resolve()
+    return (
+        r.format == "png"
+        and r.background in (None, "transparent")
+        and r.crop == "none"
+        and r.canvas is None
+        and r.margin.value == 0
+    )
+
+
+def _colour(background: str | None) -> tuple[int, int, int] | None:
+    if background is None or background == "transparent":
+        return None
+    return (int(background[1:3], 16), int(background[3:5], 16), int(background[5:7], 16))
+
+
+def render_outputs(
+    image: Image.Image,
+    matte_png: Path,
+    outputs: list[tuple[OutputSpec, Path]],
+    *,
+    icc_profile: bytes | None,
+    exif: bytes | None,
+) -> float:
+    """Every output of a recipe from one matte: ``outputs`` pairs each spec (see
+    :mod:`dropcut.recipes`) with the path it is written to (a fresh staging file, written
+    and fsynced). The matte is upsampled once (:func:`guided_upsample`); a colour
+    background, and a transparent WebP, get the subject's own colour at the edge
+    (:func:`dropcut.compose.estimate_foreground`: no halo of the old background); each
+    output is then cropped, scaled and placed (:func:`dropcut.recipes.layout`,
+    :func:`dropcut.compose.apply_layout`) and encoded with the ICC profile and EXIF.
+    A recipe of today's transparent PNG alone is :func:`render_cutout`. Returns the
+    seconds it took. Raises :class:`MatteError`, ``ValueError`` or ``OSError`` (no output
+    file is left then)."""
+    from dropcut import compose, recipes
+
+    if len(outputs) == 1 and is_plain_cutout(outputs[0][0]):
+        spec, dest = outputs[0]
+        return render_cutout(image, matte_png, dest, icc_profile=icc_profile, exif=exif).seconds
+    started = time.monotonic()
+    written: list[Path] = []
+    try:
+        matte = load_matte(matte_png, image.size)
+        alpha = guided_upsample(matte, image)
+        if image.mode == "RGBA":  # the original's own transparency multiplied in
+            own = np.asarray(image.getchannel("A"), dtype=np.uint16)
+            alpha = ((alpha.astype(np.uint16) * own + 127) // 255).astype(np.uint8)
+        rgb = np.asarray(image.convert("RGB"))
+        resolved = [(spec.resolve(), dest) for spec, dest in outputs]
+        needs_colour = any(
+            s.format != "mask" and (s.background != "transparent" or s.format == "webp") for s, _ in resolved
+        )
+        foreground = compose.estimate_foreground(rgb, alpha) if needs_colour else rgb
+        box_cache: dict[int, recipes.Box | None] = {}
+        for spec, dest in resolved:
+            written.append(dest)
+            if is_plain_cutout(spec):
+                render_cutout(image, matte_png, dest, icc_profile=icc_profile, exif=exif)
+                continue
+            if spec.crop_threshold not in box_cache:
+                box_cache[spec.crop_threshold] = recipes.subject_box(alpha, spec.crop_threshold)
+            placed = recipes.layout(image.size, box_cache[spec.crop_threshold], spec)
+            if spec.format == "mask":
+                compose.save_mask(compose.apply_layout(alpha, placed, None), dest, exif=exif)
+                continue
+            colour = _colour(spec.background)
+            out = compose.apply_layout(compose.composite(foreground, alpha, colour), placed, colour)
+            if spec.format == "jpeg":
+                compose.save_jpeg(out, dest, icc_profile=icc_profile, exif=exif, quality=spec.quality or 90)
+            elif spec.format == "webp":
+                compose.save_webp(out, dest, icc_profile=icc_profile, exif=exif, quality=spec.quality or 85)
+            else:
+                _save_png(out, dest, icc_profile=icc_profile, exif=exif)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return time.monotonic() - started
+
+
+def _save_png(img: Image.Image, dest: Path, *, icc_profile: bytes | None, exif: bytes | None) -> None:
+    """A composed (cropped, placed) output as PNG, written and fsynced (Pillow's encoder:
+    these are canvas-sized, not the full-resolution stream :func:`render_cutout` writes)."""
+    params: dict[str, object] = {"compress_level": DEFAULT_COMPRESS_LEVEL}
+    if icc_profile:
+        params["icc_profile"] = icc_profile
+    if exif:
+        params["exif"] = exif
+    with dest.open("wb") as fh:
+        img.save(fh, format="PNG", **params)
+        fh.flush()
+        os.fsync(fh.fileno())

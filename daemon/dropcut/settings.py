@@ -29,6 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from dropcut.recipes import DEFAULT_OUTPUTS, Folders, Recipe
 from dropcut.settle import DEFAULT_IGNORE_DIRS, DEFAULT_IGNORE_PATTERNS
 
 CREDENTIAL_NAME = "dropcut-api-key"
@@ -180,6 +181,10 @@ class Settings(BaseSettings):
     proxy_max_side: Annotated[int, Field(ge=64, le=4096)] = 1024  # the model's inference size
     multi_frame: Literal["first", "quarantine"] = "first"  # multi-page TIFF, animated GIF/WebP
     strip_gps: bool = True  # outputs carry the original's EXIF, without its GPS position
+
+    # outputs: what each input becomes (dropcut.recipes), for the whole inbox and per folder
+    outputs: Recipe = DEFAULT_OUTPUTS
+    folders: Folders = Field(default_factory=dict)
     max_pixels: PositiveInt = 100_000_000
     decode_timeout_seconds: Positive = 10.0  # = inspect.DEFAULT_DECODE_TIMEOUT_SECONDS
     max_decode_bytes: PositiveInt = 32 * 1024 * 1024  # = inspect.DEFAULT_MAX_DECODE_BYTES
@@ -202,6 +207,17 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return Path(os.path.abspath(value.expanduser()))
+
+    @model_validator(mode="after")
+    def _recipes_need_the_matte(self) -> Settings:
+        if self.api_mode == "cutout":
+            recipes = [self.outputs, *(f.outputs for f in self.folders.values())]
+            if any(not (len(r) == 1 and r[0].resolve() == DEFAULT_OUTPUTS[0].resolve()) for r in recipes):
+                raise ValueError(
+                    "outputs other than the transparent PNG are rendered from the matte: they need "
+                    'api_mode = "matte"'
+                )
+        return self
 
     @model_validator(mode="after")
     def _formats(self) -> Settings:
