@@ -69,7 +69,7 @@ def test_enospc_while_writing_keeps_the_job(tmp_path: Path, small_fs: Path) -> N
             wait_for(lambda: run.logs.events("upload_started"))
             filler = fill(small_fs, leave=0)  # the disk fills up while the request is in flight
             wait_for(lambda: run.logs.events("disk_full"))
-            assert run.logs.events("queue_paused")[0]["code"] == "disk_full"
+            assert wait_for(lambda: run.logs.events("queue_paused"))[0]["code"] == "disk_full"
             assert (folders.inbox / "a.jpg").exists(), "no input is moved before its output is durable"
             assert not (folders.outbox / "a.png").exists()
             filler.unlink()
@@ -114,7 +114,7 @@ def test_enospc_while_archiving_pauses_and_finishes_when_space_returns(
             wait_for(lambda: run.logs.events("upload_started"))
             filler = fill(small_fs, leave=0)
             wait_for(lambda: run.logs.events("disk_full"))
-            assert run.logs.events("queue_paused")[0]["code"] == "disk_full"
+            assert wait_for(lambda: run.logs.events("queue_paused"))[0]["code"] == "disk_full"
             assert (folders.outbox / "a.png").exists(), "the output is durable before the input moves"
             assert (folders.inbox / "a.jpg").read_bytes() == big
             assert not run.logs.events("job_failed")

@@ -109,3 +109,44 @@ def test_an_invalid_spec_is_refused_at_check_naming_the_field(folders: Folders, 
     assert done.returncode == 2
     (line,) = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert "background" in line and "jpeg" in line
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dropcut.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_rerender_applies_todays_recipe_from_the_cached_matte_without_a_request(
+    folders: Folders, api: FakeWithoutBG, tmp_path: Path
+) -> None:
+    """Changing a recipe costs no credit: the archived input is rendered again from its
+    cached matte with the recipe that applies now; the server sees nothing."""
+    src = tmp_path / "p.jpg"
+    photos.scene().save(src, "JPEG", quality=92)
+    with InProcessDaemon(Settings(**folders.values(api.url, api_mode="matte"))):
+        drop(folders.inbox, "shop/shoe.jpg", src.read_bytes())
+        wait_for(lambda: (folders.archive / "shop" / "shoe.jpg").exists(), timeout=30)
+    assert folders.files(folders.outbox) == ["shop/shoe.png"]
+    requests = len(api.records())
+    recipe = '[{"preset": "white-jpeg"}, {"preset": "mask"}]'
+    done = _cli(folders.env(api.url, api_mode="matte", outputs=recipe), "rerender", "--all")
+    assert done.returncode == 0, done.stderr
+    assert "rerendered shop/shoe.jpg -> shop/shoe.jpg, shop/shoe-mask.png" in done.stdout
+    assert folders.files(folders.outbox) == ["shop/shoe-mask.png", "shop/shoe.jpg", "shop/shoe.png"]
+    with Image.open(folders.outbox / "shop" / "shoe.jpg") as out:
+        assert out.format == "JPEG" and out.mode == "RGB"
+    assert len(api.records()) == requests, "no request: the matte came from the cache"
+    # a named input that was never done, and one whose matte is gone, say so
+    (folders.state / "results").joinpath(next(p.name for p in (folders.state / "results").iterdir())).unlink()
+    done = _cli(
+        folders.env(api.url, api_mode="matte", outputs=recipe), "rerender", "shop/shoe.jpg", "nope.jpg"
+    )
+    assert done.returncode == 1
+    assert "shop/shoe.jpg: its matte is no longer cached" in done.stderr
+    assert "nope.jpg: no done input of that name" in done.stderr

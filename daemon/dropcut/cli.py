@@ -12,7 +12,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", parents=[common], help="put quarantined files back in the queue")
     retry.add_argument("paths", nargs="*", type=Path, help="quarantined files (paths or inbox-relative)")
     retry.add_argument("--all", action="store_true", help="every quarantined file")
+    rerender = sub.add_parser(
+        "rerender",
+        parents=[common],
+        help="render done inputs again with today's recipes, from their cached mattes",
+    )
+    rerender.add_argument(
+        "paths", nargs="*", type=Path, help="inputs (archive or inbox paths, or inbox-relative)"
+    )
+    rerender.add_argument("--all", action="store_true", help="every done input")
+    rerender.add_argument(
+        "--since",
+        type=date.fromisoformat,
+        default=None,
+        help="only inputs queued on or after DATE (YYYY-MM-DD)",
+    )
     return parser
 
 
@@ -70,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "run":
         return _run(settings, args, dump_problems)
-    handler = {"status": _status, "check": _check, "retry": _retry}[args.command]
+    handler = {"status": _status, "check": _check, "retry": _retry, "rerender": _rerender}[args.command]
     return handler(settings, args)
 
 
@@ -233,9 +248,10 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _relative(settings: Settings, path: Path) -> str:
+def _relative(settings: Settings, path: Path, other: Path | None = None) -> str:
+    """``path`` relative to the quarantine (or ``other``) or the inbox, as the queue names it."""
     full = Path(os.path.abspath(path))
-    for root in (settings.quarantine, settings.inbox):
+    for root in (other or settings.quarantine, settings.inbox):
         if full.is_relative_to(root):
             return str(PurePosixPath(*full.relative_to(root).parts))
     return str(PurePosixPath(*path.parts))
@@ -288,6 +304,47 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
             print(f"requeued {q_rel} -> inbox/{back}")
     finally:
         queue.close()
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _rerender(settings: Settings, args: argparse.Namespace) -> int:
+    """``dropcut rerender``: see :mod:`dropcut.rerender`. Exit 1 when an input could not be
+    rendered again (each said why) or none matched."""
+    if not args.all and not args.paths:
+        print("dropcut: rerender needs PATH… or --all", file=sys.stderr)
+        return EXIT_CONFIG
+    if settings.api_mode != "matte":
+        print('dropcut: rerender renders from cached mattes: it needs api_mode = "matte"', file=sys.stderr)
+        return EXIT_CONFIG
+    db = settings.state_dir / "queue.sqlite3"
+    if not db.exists():
+        print("dropcut: no queue yet: nothing was done", file=sys.stderr)
+        return EXIT_FAILURE
+    from dropcut.queue import JobQueue
+    from dropcut.rerender import rerender, select
+
+    wanted = None if args.all else {_relative(settings, p, settings.archive) for p in args.paths}
+    since = None if args.since is None else datetime.combine(args.since, datetime.min.time()).astimezone()
+    queue = JobQueue.open(db)
+    try:
+        jobs = select(queue.done_jobs(), wanted, since, updated=lambda job: job.first_seen)
+        results = rerender(settings, queue, jobs)
+    finally:
+        queue.close()
+    failed = 0
+    for result in results:
+        if result.problem is None:
+            print(f"rerendered {result.rel_path} -> {', '.join(result.outputs)}")
+        else:
+            print(f"dropcut: {result.rel_path}: {result.problem}", file=sys.stderr)
+            failed += 1
+    found = {r.rel_path for r in results}
+    for missing in sorted((wanted or set()) - found - {j.archived_as for j in jobs if j.archived_as}):
+        print(f"dropcut: {missing}: no done input of that name", file=sys.stderr)
+        failed += 1
+    if not results and wanted is None:
+        print("dropcut: nothing to render again", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_FAILURE if failed else EXIT_OK
 
 

@@ -321,24 +321,35 @@ class Dispatcher:
 
     async def _source_state(self, job: Job) -> str:
         """``present``, ``changed`` or ``gone`` (see :meth:`Publisher.source_state`), or
-        ``unavailable`` when the inbox cannot tell (away, unreadable, not answering)."""
+        ``unavailable`` when the inbox cannot tell (away, unreadable, not answering). A
+        file whose stat changed but whose content hashes to the job's (touched, or saved
+        again with the same bytes) is ``present``: the hash decides when in doubt, and the
+        job takes the new signature."""
 
         # The queue's signature, not the claimed copy's: the same content saved again at
         # the path meanwhile (a new drop of this job) updated it.
         identity = (self._queue.get(job.id) or job).identity
 
-        def look() -> str:
+        def look() -> tuple[str, tuple[int, int, int, int, int] | None]:
             if inbox_problem(self._layout.inbox) is not None:
-                return "unavailable"
+                return "unavailable", None
             try:
-                return self._publisher.source_state(job.rel_path, identity)
+                state = self._publisher.source_state(job.rel_path, identity)
+                if state == "changed":
+                    seen = self._publisher.content_of(job.rel_path)
+                    if seen is not None and seen[1] == job.sha256:
+                        return "present", seen[0]
+                return state, None
             except OSError:
-                return "unavailable"
+                return "unavailable", None
 
         try:
-            return await asyncio.wait_for(asyncio.to_thread(look), SOURCE_CHECK_SECONDS)
+            state, signature = await asyncio.wait_for(asyncio.to_thread(look), SOURCE_CHECK_SECONDS)
         except TimeoutError:
             return "unavailable"
+        if signature is not None:
+            self._queue.set_signature(job.id, signature)
+        return state
 
     async def _source_still_there(self, job: Job, log: BoundLogger) -> bool:
         """Is the job's file still in the inbox as it was queued? Checked before anything
@@ -657,7 +668,9 @@ class Dispatcher:
             self._move_failed(job, exc, "input_dispose_failed")
             return
         self._move_failures.pop(job.id, None)
-        self._queue.mark_done(job.id)
+        self._queue.mark_done(
+            job.id, archived_as=what.removeprefix("archived:") if what.startswith("archived:") else None
+        )
         self._drop_spool(job.sha256)
         self._log.info("input_disposed", file=job.rel_path, sha256=job.sha256, result=what)
         if what.startswith("changed:"):

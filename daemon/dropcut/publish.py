@@ -323,6 +323,32 @@ class Publisher:
         ) == (size, mtime_ns, ctime_ns, inode, device)
         return "present" if same else "changed"
 
+    def content_of(self, rel_path: str) -> tuple[tuple[int, int, int, int, int], str] | None:
+        """The signature (size, mtime, ctime, inode, device) and sha256 of the regular file
+        at ``inbox/rel_path``, read on one descriptor opened without following links (the
+        signature taken after the read: a file written meanwhile shows as changed); None
+        when there is none. Raises OSError when it cannot be read."""
+        rel = PurePosixPath(rel_path)
+        try:
+            dir_fd = open_dir_nofollow(self.layout.inbox, str(rel.parent))
+        except FileNotFoundError:
+            return None
+        with _dir(dir_fd):
+            try:
+                fd = os.open(
+                    rel.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+                )
+            except FileNotFoundError:
+                return None
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
+                digest = hashlib.sha256()
+                while chunk := fh.read(COPY_CHUNK):
+                    digest.update(chunk)
+                st = os.fstat(fd)
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev), digest.hexdigest()
+
     def identity_matches(self, rel_path: str, identity: tuple[int | None, ...]) -> bool:
         """:meth:`source_state` is ``present``; any doubt (an error, a link) is False."""
         if any(part is None for part in identity):

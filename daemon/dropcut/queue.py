@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     ctime_ns INTEGER NOT NULL DEFAULT 0,
     held_as TEXT,
     frames INTEGER NOT NULL DEFAULT 1,
-    recipe TEXT
+    recipe TEXT,
+    archived_as TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_path_sha ON jobs (rel_path, sha256);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
@@ -104,6 +105,7 @@ class Job:
     ctime_ns: int = 0
     held_as: str | None = None  # the private name its input was moved to for disposal
     recipe: str | None = None  # JSON of its outputs' resolved specs (None: the default)
+    archived_as: str | None = None  # where its input went in the archive (rerender reads it)
 
     @property
     def identity(self) -> tuple[int, int, int, int, int]:
@@ -150,6 +152,7 @@ def _job(row: sqlite3.Row) -> Job:
         ctime_ns=row["ctime_ns"],
         held_as=row["held_as"],
         recipe=row["recipe"],
+        archived_as=row["archived_as"],
     )
 
 
@@ -181,6 +184,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         ("held_as", "TEXT"),
         ("frames", "INTEGER NOT NULL DEFAULT 1"),
         ("recipe", "TEXT"),
+        ("archived_as", "TEXT"),
     ):
         if column not in _columns(conn, "jobs"):
             with contextlib.suppress(sqlite3.OperationalError):  # added by another process meanwhile
@@ -496,10 +500,29 @@ class JobQueue:
                 (output_rel, self._clock(), job_id),
             )
 
-    def mark_done(self, job_id: int) -> None:
+    def mark_done(self, job_id: int, archived_as: str | None = None) -> None:
+        """The job is finished; ``archived_as``: where its input now is in the archive."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state='done', held_as=NULL, updated_at=? WHERE id=?", (self._clock(), job_id)
+                "UPDATE jobs SET state='done', held_as=NULL, archived_as=?, updated_at=? WHERE id=?",
+                (archived_as, self._clock(), job_id),
+            )
+
+    def done_jobs(self) -> list[Job]:
+        """Jobs whose outputs were written (a superseded one wrote none), oldest first."""
+        rows = self._conn.execute(
+            "SELECT * FROM jobs WHERE state='done' AND output_rel IS NOT NULL AND output_rel != '' "
+            "ORDER BY seq"
+        ).fetchall()
+        return [_job(r) for r in rows]
+
+    def set_signature(self, job_id: int, signature: tuple[int, int, int, int, int]) -> None:
+        """The job's file was found again with this (size, mtime, ctime, inode, device) and
+        the job's own content (touched, saved again with the same bytes)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET size=?, mtime_ns=?, ctime_ns=?, inode=?, device=? WHERE id=?",
+                (*signature, job_id),
             )
 
     def set_held(self, job_id: int, held_as: str | None) -> None:
@@ -620,6 +643,8 @@ class JobQueue:
         key: Any,
     ) -> list[str]:
         for names in name_sets(rel_path) if callable(name_sets) else name_sets:
+            if isinstance(names, str):  # (one name, not a set of its characters)
+                names = [names]
             owners = [
                 db.execute("SELECT rel_path FROM outputs WHERE out_key=?", (key(n),)).fetchone()
                 for n in names
