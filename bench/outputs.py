@@ -115,7 +115,11 @@ def main() -> None:
         photo, matte, folder, *presets = args.child
         child(Path(photo), Path(matte), Path(folder), presets)
         return
+    run(repeat=args.repeat)
 
+
+def run(*, repeat: int = 1) -> str:
+    """Benchmark 8 (see the module docstring); returns its markdown report."""
     from bench.common import machine, md_table, report, verdict
     from bench.images import real_photo_jpeg
 
@@ -123,7 +127,7 @@ def main() -> None:
     matte = matte_for(photo)
     results: dict[str, dict[str, Any]] = {}
     for case, presets in CASES.items():
-        runs = [measure(photo, matte, presets) for _ in range(max(1, args.repeat))]
+        runs = [measure(photo, matte, presets) for _ in range(max(1, repeat))]
         results[case] = min(runs, key=lambda r: r["decode_s"] + r["render_s"])
     rows = []
     for case, r in results.items():
@@ -167,7 +171,7 @@ def main() -> None:
         "Each case runs in a fresh subprocess (peak RSS = its VmHWM); photos per minute = 60 / total "
         "for one render worker (the daemon runs two).",
     ]
-    report(
+    return report(
         "outputs",
         "Output recipes: the default output vs all six presets, 24 MP",
         {"machine": machine(), "photo": str(photo), "results": results, "goal_all_s": GOAL_ALL_S},

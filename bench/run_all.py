@@ -1,6 +1,6 @@
 """Run the benchmarks and print every table: ``python -m bench.run_all [NAME ...]``.
 
-NAME is any of rate, detect, backlog, large, idle, matte, render (default: all, in that
+NAME is any of rate, detect, backlog, large, idle, matte, render, outputs (default: all, in that
 order; about 15 minutes on a 2-core machine). The tables are also written to bench/results/ (one
 ``<name>.md`` and ``<name>.json`` each, and ``summary.md`` for the whole run).
 """
@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-from bench import backlog, detect, idle, large, matte, rate, render
+from bench import backlog, detect, idle, large, matte, outputs, rate, render
 from bench.common import RESULTS, machine, machine_line
 
 BENCHMARKS: dict[str, Callable[[], str]] = {
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, Callable[[], str]] = {
     "idle": idle.run,
     "matte": matte.run,
     "render": render.run,
+    "outputs": outputs.run,
 }
 
 

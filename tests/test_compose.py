@@ -163,7 +163,7 @@ def test_crop_and_place_puts_the_subject_where_the_layout_says() -> None:
     placed = apply_layout(rgba, Layout(), (255, 255, 255))
     assert placed.mode == "RGB" and placed.size == (2048, 2048)
     arr = np.asarray(placed)
-    subject = (arr[..., 1] < 128)  # red on white: the subject has no green
+    subject = arr[..., 1] < 128  # red on white: the subject has no green
     ys, xs = np.nonzero(subject)
     s = Layout.scale
     expect = (
@@ -185,10 +185,10 @@ def test_crop_and_place_puts_the_subject_where_the_layout_says() -> None:
     t = crop_and_place(rgba, (-100, -100, 700, 500), 0.5, (500, 400), (10, 20), None)
     assert t.mode == "RGBA" and t.size == (500, 400)
     ta = np.asarray(t)
-    assert np.all(ta[:20 + 50, :, 3] == 0)  # the 100 source px outside the top: transparent
+    assert np.all(ta[: 20 + 50, :, 3] == 0)  # the 100 source px outside the top: transparent
     white = crop_and_place(image, (-100, -100, 700, 500), 0.5, (500, 400), (10, 20), (255, 255, 255))
     wa = np.asarray(white)
-    assert np.all(wa[:20 + 50] == 255) and np.all(wa[100:200, 100:200] == (200, 0, 0))
+    assert np.all(wa[: 20 + 50] == 255) and np.all(wa[100:200, 100:200] == (200, 0, 0))
     # a mask through the same geometry
     m = crop_and_place(alpha, Layout.crop, Layout.scale, Layout.canvas, Layout.offset, None)
     assert m.mode == "L" and np.array_equal(np.asarray(m) > 127, subject)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -150,3 +151,57 @@ def test_rerender_applies_todays_recipe_from_the_cached_matte_without_a_request(
     assert done.returncode == 1
     assert "shop/shoe.jpg: its matte is no longer cached" in done.stderr
     assert "nope.jpg: no done input of that name" in done.stderr
+
+
+# ``python -c KILL_ON_SECOND_OUTPUT <outbox> run``: the daemon, killed with SIGKILL by the
+# kernel's hand at the moment it renames its second output into the outbox (the first one
+# is in place, the input not yet disposed of). os.rename is replaced in the daemon's process
+# only: the file system's side of the moment, not dropcut's code.
+KILL_ON_SECOND_OUTPUT = r"""
+import os, signal, sys
+outbox = sys.argv[1]
+real_rename = os.rename
+placed = []
+
+def rename(src, dst, *args, dst_dir_fd=None, **kwargs):
+    if dst_dir_fd is not None and os.path.realpath(f"/proc/self/fd/{dst_dir_fd}").startswith(outbox):
+        placed.append(dst)
+        if len(placed) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_rename(src, dst, *args, dst_dir_fd=dst_dir_fd, **kwargs)
+
+os.rename = rename
+from dropcut.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_kill9_between_two_outputs_finishes_the_set_after_restart(
+    folders: Folders, api: FakeWithoutBG, tmp_path: Path, spawn: Any
+) -> None:
+    """All or nothing per input: killed between placing two outputs of one input, the
+    restarted daemon renders the whole set again from the cached matte (no request) and
+    only then archives the input."""
+    from dataclasses import dataclass
+
+    from tests.support import DaemonProcess
+
+    @dataclass
+    class Killed(DaemonProcess):
+        def command(self) -> list[str]:
+            return [sys.executable, "-c", KILL_ON_SECOND_OUTPUT, str(folders.outbox.resolve())]
+
+    src = tmp_path / "p.jpg"
+    photos.scene().save(src, "JPEG", quality=92)
+    recipe = '[{"preset": "transparent"}, {"preset": "white-jpeg", "suffix": "-white"}, {"preset": "mask"}]'
+    env = folders.env(api.url, api_mode="matte", outputs=recipe)
+    drop(folders.inbox, "shoe.jpg", src.read_bytes())
+    first = spawn(env, Killed)
+    assert first.wait(timeout=60) == -9
+    assert len(folders.files(folders.outbox)) == 1, "killed after one output of three"
+    assert (folders.inbox / "shoe.jpg").exists(), "the input waits for the whole set"
+    second = spawn(env)
+    wait_for(lambda: (folders.archive / "shoe.jpg").exists(), timeout=60)
+    second.stop()
+    assert folders.files(folders.outbox) == ["shoe-mask.png", "shoe-white.jpg", "shoe.png"]
+    assert len(api.records()) == 1, "the set was finished from the cached matte"

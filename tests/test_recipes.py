@@ -41,18 +41,75 @@ def one_line(exc: ValidationError) -> list[str]:
 # --- presets ------------------------------------------------------------------------
 
 PRESET_TABLE: list[tuple[str, dict[str, Any]]] = [
-    ("transparent", {"format": "png", "background": "transparent", "crop": "none", "canvas": None,
-                     "margin": Margin(0, "px"), "suffix": "", "quality": None}),
-    ("mask", {"format": "mask", "background": "transparent", "crop": "none", "canvas": None,
-              "suffix": "-mask", "quality": None}),
-    ("white-jpeg", {"format": "jpeg", "background": "#ffffff", "crop": "subject",
-                    "margin": Margin(5, "%"), "canvas": None, "suffix": "", "quality": 92}),
-    ("amazon", {"format": "jpeg", "background": "#ffffff", "crop": "subject", "fit": "contain",
-                "margin": Margin(150, "px"), "canvas": Size(2000, 2000), "suffix": "-amazon"}),
-    ("shopify", {"format": "jpeg", "background": "#ffffff", "crop": "subject", "fit": "contain",
-                 "canvas": Size(2048, 2048), "suffix": "-shopify"}),
-    ("webp", {"format": "webp", "background": "transparent", "crop": "none", "canvas": None,
-              "suffix": "", "quality": 92}),
+    (
+        "transparent",
+        {
+            "format": "png",
+            "background": "transparent",
+            "crop": "none",
+            "canvas": None,
+            "margin": Margin(0, "px"),
+            "suffix": "",
+            "quality": None,
+        },
+    ),
+    (
+        "mask",
+        {
+            "format": "mask",
+            "background": "transparent",
+            "crop": "none",
+            "canvas": None,
+            "suffix": "-mask",
+            "quality": None,
+        },
+    ),
+    (
+        "white-jpeg",
+        {
+            "format": "jpeg",
+            "background": "#ffffff",
+            "crop": "subject",
+            "margin": Margin(5, "%"),
+            "canvas": None,
+            "suffix": "",
+            "quality": 92,
+        },
+    ),
+    (
+        "amazon",
+        {
+            "format": "jpeg",
+            "background": "#ffffff",
+            "crop": "subject",
+            "fit": "contain",
+            "margin": Margin(150, "px"),
+            "canvas": Size(2000, 2000),
+            "suffix": "-amazon",
+        },
+    ),
+    (
+        "shopify",
+        {
+            "format": "jpeg",
+            "background": "#ffffff",
+            "crop": "subject",
+            "fit": "contain",
+            "canvas": Size(2048, 2048),
+            "suffix": "-shopify",
+        },
+    ),
+    (
+        "webp",
+        {
+            "format": "webp",
+            "background": "transparent",
+            "crop": "none",
+            "canvas": None,
+            "suffix": "",
+            "quality": 92,
+        },
+    ),
 ]
 
 
@@ -91,8 +148,10 @@ OVERRIDES: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"preset": "shopify", "canvas": "original"}, {"canvas": None, "crop": "subject"}),
     ({"preset": "mask", "suffix": ""}, {"suffix": "", "format": "mask"}),
     ({"preset": "webp", "quality": 70, "crop": "subject"}, {"quality": 70, "crop": "subject"}),
-    ({"preset": "transparent", "canvas": "800x600", "fit": "cover"},
-     {"canvas": Size(800, 600), "fit": "cover"}),
+    (
+        {"preset": "transparent", "canvas": "800x600", "fit": "cover"},
+        {"canvas": Size(800, 600), "fit": "cover"},
+    ),
     ({"format": "jpg"}, {"format": "jpeg", "background": "#ffffff", "quality": 92}),
     ({"format": "webp", "background": "#123456"}, {"background": "#123456", "quality": 92}),
     ({"margin": 0}, {"margin": Margin(0, "px")}),
@@ -206,10 +265,13 @@ def test_two_specs_writing_one_name_are_refused(specs: list[dict[str, Any]]) -> 
         RECIPE.validate_python(specs)
     (line,) = one_line(info.value)
     first = next(
-        i for i in range(len(specs)) if any(
+        i
+        for i in range(len(specs))
+        if any(
             output_key(output_names("a.jpg", [OutputSpec(**specs[i])])[0])
             == output_key(output_names("a.jpg", [OutputSpec(**specs[j])])[0])
-            for j in range(len(specs)) if j != i
+            for j in range(len(specs))
+            if j != i
         )
     )
     assert f"outputs {first + 1} (" in line
@@ -242,10 +304,16 @@ def test_empty_recipe_is_refused() -> None:
 # --- names -------------------------------------------------------------------------
 
 NAMES: list[tuple[str, list[dict[str, Any]], list[str]]] = [
-    ("a.jpg", [{"preset": n} for n in PRESETS],
-     ["a.png", "a-mask.png", "a.jpg", "a-amazon.jpg", "a-shopify.jpg", "a.webp"]),
-    ("shop/x/IMG_1.HEIC", [{"preset": "amazon", "folder": "amazon"}, {"preset": "mask", "folder": "m/n"}],
-     ["amazon/shop/x/IMG_1-amazon.jpg", "m/n/shop/x/IMG_1-mask.png"]),
+    (
+        "a.jpg",
+        [{"preset": n} for n in PRESETS],
+        ["a.png", "a-mask.png", "a.jpg", "a-amazon.jpg", "a-shopify.jpg", "a.webp"],
+    ),
+    (
+        "shop/x/IMG_1.HEIC",
+        [{"preset": "amazon", "folder": "amazon"}, {"preset": "mask", "folder": "m/n"}],
+        ["amazon/shop/x/IMG_1-amazon.jpg", "m/n/shop/x/IMG_1-mask.png"],
+    ),
     ("README", [{}], ["README.png"]),
     ("a.b.tif", [{"format": "webp", "suffix": ".web"}], ["a.b.web.webp"]),
     ("für/Ölbild.png", [{"preset": "white-jpeg", "suffix": "-white"}], ["für/Ölbild-white.jpg"]),
@@ -362,8 +430,13 @@ def test_recipe_key_is_stable_short_and_order_free() -> None:
 
 @pytest.mark.parametrize(
     "other",
-    [{"preset": "amazon", "quality": 91}, {"preset": "amazon", "folder": "x"}, {"preset": "shopify"},
-     {"preset": "amazon", "crop_threshold": 11}, {"preset": "amazon", "margin": "151px"}],
+    [
+        {"preset": "amazon", "quality": 91},
+        {"preset": "amazon", "folder": "x"},
+        {"preset": "shopify"},
+        {"preset": "amazon", "crop_threshold": 11},
+        {"preset": "amazon", "margin": "151px"},
+    ],
 )
 def test_recipe_key_changes_with_any_field(other: dict[str, Any]) -> None:
     assert recipe_key([OutputSpec(**other)]) != recipe_key([OutputSpec(preset="amazon")])
@@ -389,10 +462,16 @@ SUBJECT_BOXES: list[tuple[np.ndarray, int, tuple[int, int, int, int] | None]] = 
     (alpha_with((40, 60), (10, 5, 50, 30)), 10, (10, 5, 50, 30)),
     (alpha_with((40, 60), (0, 0, 60, 40), 254), 253, (0, 0, 60, 40)),
     (alpha_with((40, 60), (0, 0, 60, 40), 254), 254, None),
-    (np.maximum(alpha_with((40, 60), (20, 10, 30, 20)), alpha_with((40, 60), (0, 35, 60, 40), 9)), 10,
-     (20, 10, 30, 20)),  # a faint edge row below the threshold does not widen it
-    (np.maximum(alpha_with((40, 60), (20, 10, 30, 20)), alpha_with((40, 60), (2, 3, 4, 5), 30)), 10,
-     (2, 3, 30, 20)),  # two blobs
+    (
+        np.maximum(alpha_with((40, 60), (20, 10, 30, 20)), alpha_with((40, 60), (0, 35, 60, 40), 9)),
+        10,
+        (20, 10, 30, 20),
+    ),  # a faint edge row below the threshold does not widen it
+    (
+        np.maximum(alpha_with((40, 60), (20, 10, 30, 20)), alpha_with((40, 60), (2, 3, 4, 5), 30)),
+        10,
+        (2, 3, 30, 20),
+    ),  # two blobs
 ]
 
 
@@ -560,15 +639,27 @@ LAYOUTS: list[tuple[tuple[int, int], tuple[int, int, int, int] | None, dict[str,
     ((200, 100), None, {"margin": "10px"}, Layout((0, 0, 200, 100), 1.0, (200, 100), (220, 120), (10, 10))),
     ((200, 100), None, {"margin": "5%"}, Layout((0, 0, 200, 100), 1.0, (200, 100), (220, 120), (10, 10))),
     # crop to the subject; the margin beyond the photo's edge is background
-    ((200, 200), (0, 0, 100, 100), {"crop": "subject", "margin": "10px"},
-     Layout((0, 0, 110, 110), 1.0, (110, 110), (120, 120), (10, 10))),
-    ((200, 200), (50, 60, 70, 90), {"crop": "subject"},
-     Layout((50, 60, 70, 90), 1.0, (20, 30), (20, 30), (0, 0))),
+    (
+        (200, 200),
+        (0, 0, 100, 100),
+        {"crop": "subject", "margin": "10px"},
+        Layout((0, 0, 110, 110), 1.0, (110, 110), (120, 120), (10, 10)),
+    ),
+    (
+        (200, 200),
+        (50, 60, 70, 90),
+        {"crop": "subject"},
+        Layout((50, 60, 70, 90), 1.0, (20, 30), (20, 30), (0, 0)),
+    ),
     # crop = subject without any subject: the whole photo
     ((200, 100), None, {"crop": "subject"}, Layout((0, 0, 200, 100), 1.0, (200, 100), (200, 100), (0, 0))),
     # crop = none ignores the box; contain a 2:1 photo in a square
-    ((200, 100), (5, 5, 6, 6), {"canvas": "100x100"},
-     Layout((0, 0, 200, 100), 0.5, (100, 50), (100, 100), (0, 25))),
+    (
+        (200, 100),
+        (5, 5, 6, 6),
+        {"canvas": "100x100"},
+        Layout((0, 0, 200, 100), 0.5, (100, 50), (100, 100), (0, 25)),
+    ),
 ]
 
 

@@ -649,7 +649,7 @@ def render_outputs(
     from dropcut import compose, recipes
 
     if len(outputs) == 1 and is_plain_cutout(outputs[0][0]):
-        spec, dest = outputs[0]
+        dest = outputs[0][1]
         return render_cutout(image, matte_png, dest, icc_profile=icc_profile, exif=exif).seconds
     started = time.monotonic()
     written: list[Path] = []
@@ -665,22 +665,22 @@ def render_outputs(
             s.format != "mask" and (s.background != "transparent" or s.format == "webp") for s, _ in resolved
         )
         foreground = compose.estimate_foreground(rgb, alpha) if needs_colour else rgb
-        box_cache: dict[int, recipes.Box | None] = {}
-        composites: dict[tuple[int, int, int] | None, npt.NDArray[np.uint8]] = {}
-        for spec, dest in resolved:
-            written.append(dest)
+        boxes = {s.crop_threshold: recipes.subject_box(alpha, s.crop_threshold) for s, _ in resolved}
+        colours = {
+            _colour(s.background) for s, _ in resolved if s.format != "mask" and not is_plain_cutout(s)
+        }
+        # once per background: the shop's JPEGs share white
+        composites = {colour: compose.composite(foreground, alpha, colour) for colour in colours}
+
+        def one(spec: OutputSpec, dest: Path) -> None:
             if is_plain_cutout(spec):  # the alpha upsampled above, written strip by strip
                 _write_cutout(image, alpha, dest, icc_profile=icc_profile, exif=exif)
-                continue
-            if spec.crop_threshold not in box_cache:
-                box_cache[spec.crop_threshold] = recipes.subject_box(alpha, spec.crop_threshold)
-            placed = recipes.layout(image.size, box_cache[spec.crop_threshold], spec)
+                return
+            placed = recipes.layout(image.size, boxes[spec.crop_threshold], spec)
             if spec.format == "mask":
                 compose.save_mask(compose.apply_layout(alpha, placed, None), dest, exif=exif)
-                continue
+                return
             colour = _colour(spec.background)
-            if colour not in composites:  # (once per background: the shop's JPEGs share white)
-                composites[colour] = compose.composite(foreground, alpha, colour)
             out = compose.apply_layout(composites[colour], placed, colour)
             if spec.format == "jpeg":
                 compose.save_jpeg(out, dest, icc_profile=icc_profile, exif=exif, quality=spec.quality or 90)
@@ -695,6 +695,12 @@ def render_outputs(
                 )
             else:
                 _save_png(out, dest, icc_profile=icc_profile, exif=exif)
+
+        written.extend(dest for _, dest in resolved)
+        # Resizing and encoding release the GIL: two outputs at a time use both cores.
+        with ThreadPoolExecutor(max_workers=OUTPUT_THREADS, thread_name_prefix="dropcut-output") as pool:
+            for done in [pool.submit(one, spec, dest) for spec, dest in resolved]:
+                done.result()
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -703,6 +709,7 @@ def render_outputs(
 
 
 WEBP_METHOD = 0  # libwebp's fastest: a 24 MP WebP costs ~5 s at method 2
+OUTPUT_THREADS = 2  # outputs of one recipe made at once
 
 
 def _write_cutout(
