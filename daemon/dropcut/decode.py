@@ -1203,8 +1203,10 @@ def make_proxy(
     quality: int = PROXY_JPEG_QUALITY,
     max_pixels: int | None = None,
     timeout: float | None = DEFAULT_DECODE_TIMEOUT_SECONDS,
+    sync: bool = True,
 ) -> Proxy:
     """Write the proxy of ``source`` to ``dest``: what ``/v1.0/alpha-channel`` gets.
+    (``sync=False``: not fsynced; the caller syncs, see :func:`_write_atomically`.)
 
     The image a person sees (primary image / first frame, EXIF orientation applied:
     upright), long side at most ``max_side`` px (never upscaled; :func:`fit_within`),
@@ -1257,25 +1259,29 @@ def make_proxy(
         else:
             pixels.save(fp, "JPEG", quality=quality, subsampling=2, optimize=True, icc_profile=srgb_icc())
 
-    written = _write_atomically(dest, save)
+    written = _write_atomically(dest, save, sync=sync)
     return Proxy(size=pixels.size, format=fmt, bytes=written)
 
 
-def _write_atomically(dest: Path, save: Callable[[BinaryIO], None]) -> int:
+def _write_atomically(dest: Path, save: Callable[[BinaryIO], None], *, sync: bool = True) -> int:
     """Write ``dest`` through ``save(fp)``: temp file beside it, fsync, rename, fsync of
-    the folder.  Returns the bytes written.  Nothing is left behind on failure."""
+    the folder (``sync=False``: no fsyncs, the caller syncs the file system, as inspection
+    does once per batch).  Returns the bytes written.  Nothing is left behind on failure."""
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fp:
             save(fp)
             fp.flush()
-            os.fsync(fp.fileno())
+            if sync:
+                os.fsync(fp.fileno())
             written = fp.tell()
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if not sync:
+        return written
     dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)

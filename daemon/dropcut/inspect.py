@@ -760,6 +760,7 @@ def _with_proxy(
             max_side=max_side,
             max_pixels=max_pixels,
             timeout=timeout,
+            sync=False,  # (the batch's sync_spool makes it durable before its job is queued)
         )
     except DecodeError as exc:
         result.spool_path.unlink(missing_ok=True)
@@ -807,8 +808,8 @@ def inspect_some(
     a context each file is inspected in (the daemon binds the file to its log events).
     ``decode_timeout`` (seconds) and ``max_decode_bytes`` bound each file's decode check;
     ``max_upload_bytes``, ``multi_frame`` and ``api_formats_only`` are the API mode's
-    limits (see :func:`inspect_file`). With ``proxy_max_side`` (matte mode) an admitted
-    file's proxy is made here too (:func:`dropcut.decode.make_proxy`, into the spool as
+    limits (see :func:`inspect_file`). With ``proxy_max_side`` (matte mode) the proxy of an
+    admitted image larger than it is made here too (:func:`dropcut.decode.make_proxy`, into the spool as
     :func:`dropcut.paths.proxy_name`), off the request's path: a file whose proxy cannot
     be made is refused like one that does not decode."""
     out: list[Inspection | Exception] = []
@@ -836,7 +837,13 @@ def inspect_some(
                         multi_frame=multi_frame,
                         api_formats_only=api_formats_only,
                     )
-                    if proxy_max_side is not None and isinstance(result, Inspected):
+                    # A photo larger than its proxy: made here, off the request's path (a
+                    # decode and a resize); a small image's proxy costs little at send time.
+                    if (
+                        proxy_max_side is not None
+                        and isinstance(result, Inspected)
+                        and max(result.width, result.height) > proxy_max_side
+                    ):
                         result = _with_proxy(result, spool_dir, proxy_max_side, max_pixels, decode_timeout)
                     out.append(result)
                 except Exception as exc:

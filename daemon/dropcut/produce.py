@@ -42,7 +42,8 @@ def make_proxy_file(source: Path, dest: Path, max_side: int, max_pixels: int, ti
 
     try:
         register_openers()
-        with Image.open(dest) as made:  # complete: make_proxy writes it atomically
+        with Image.open(dest) as made:  # made while inspecting (renamed into place whole)
+            made.load()
             return Proxy(size=made.size, format=str(made.format), bytes=dest.stat().st_size)
     except (OSError, ValueError):
         pass
