@@ -385,13 +385,13 @@ class Admission:
                 jobs.append(job)
         if not jobs:
             return
-        recipes = {job.rel_path: self._recipe(job.rel_path) for job in jobs}
-        jobs = [dataclasses.replace(job, recipe=recipe_json(recipes[job.rel_path])) for job in jobs]
+        recipes = self._recipes([job.rel_path for job in jobs])
+        jobs = [dataclasses.replace(job, recipe=recipes[job.rel_path][1]) for job in jobs]
         try:
             queued = self._queue.enqueue_many(
                 jobs,
                 requeue_done=self.settings.on_success != "keep",
-                outputs=(lambda rel: output_name_sets(rel, recipes[rel]), output_key),
+                outputs=(lambda rel: output_name_sets(rel, recipes[rel][0]), output_key),
             )
         except Exception:
             for job in jobs:
@@ -405,10 +405,20 @@ class Admission:
                 self._log.info("job_duplicate", file=new.rel_path, sha256=new.sha256, state=what)
         self._on_queued()
 
-    def _recipe(self, rel_path: str) -> tuple[OutputSpec, ...]:
-        """The outputs ``rel_path`` gets: its folder's recipe, else the inbox's."""
+    def _recipes(self, rel_paths: list[str]) -> dict[str, tuple[tuple[OutputSpec, ...], str | None]]:
+        """The outputs each path gets (its folder's recipe, else the inbox's) and their
+        record for the queue (:func:`recipe_json`); worked out once per folder."""
         s = self.settings
-        return recipe_for(rel_path, s.outputs, folder_recipes(s.folders))
+        folders = folder_recipes(s.folders)
+        by_folder: dict[str, tuple[tuple[OutputSpec, ...], str | None]] = {}
+        out = {}
+        for rel in rel_paths:
+            parent = rel.rpartition("/")[0]
+            if parent not in by_folder:
+                specs = recipe_for(rel, s.outputs, folders)
+                by_folder[parent] = (specs, recipe_json(specs))
+            out[rel] = by_folder[parent]
+        return out
 
     def _handle(self, rel: str, seen: Seen, result: insp.Inspection) -> NewJob | None:
         """Act on one result; an admitted file is returned as the job to queue."""

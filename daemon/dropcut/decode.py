@@ -282,7 +282,8 @@ def check_image(
     libheif/libavif call whatever their size: the pixel cap is their bound (see the
     module's docstring).  The frames are counted after the first one decoded (reading
     TIFF IFDs and GIF blocks, within the same time budget)."""
-    register_openers()
+    if fmt == "HEIF":  # (libheif only where needed: the inspection workers stay small)
+        register_openers()
     deadline = time.monotonic() + timeout
     try:
         # A DecompressionBombWarning must not become an error (e.g. under -W error): only
@@ -687,7 +688,6 @@ def _check_bmp_size(img: Image.Image, size: int) -> DecodeFailure | None:
 # * camera raw recognition: file signatures and three TIFF tags (Pillow reads the IFD).
 
 _SRGB_ICC: bytes | None = None
-_HEIF_REGISTERED = False
 
 # EXIF 2.32, tag 274 (Orientation): how the stored rows and columns are to be shown.
 # 1 top-left (as stored), 2 mirrored, 3 rotated 180, 4 flipped, 5 transposed,
@@ -784,13 +784,11 @@ def register_openers() -> None:
     is Pillow's own (Pillow >= 11.2).  Idempotent and cheap: called by every function here
     that opens files, so the daemon and its inspection worker processes (forkserver: a
     fresh interpreter) register on first use; importing this module registers nothing."""
-    global _HEIF_REGISTERED
-    if _HEIF_REGISTERED:
+    if "HEIF" in Image.ID:  # (Pillow's own registry: registered already)
         return
     from pillow_heif import register_heif_opener
 
     register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
-    _HEIF_REGISTERED = True
 
 
 def srgb_icc() -> bytes:
@@ -946,7 +944,9 @@ def _raw_error(kind: str) -> DecodeError:
 def _opened(source: Path, max_pixels: int | None, timeout: float | None) -> Iterator[Image.Image]:
     """``source`` opened with Pillow (any :data:`SUPPORTED_FORMATS`), its primary image
     selected, camera raw and ``max_pixels`` refused; Pillow's errors become DecodeError."""
-    register_openers()
+    with open(source, "rb") as fh:
+        if fh.read(12)[4:8] == b"ftyp":  # an ISO media file: HEIF needs pillow-heif's plugin
+            register_openers()
     deadline = None if timeout is None else time.monotonic() + timeout
     kind = camera_raw_kind(source)
     if kind is not None:

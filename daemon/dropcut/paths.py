@@ -101,20 +101,22 @@ def _split(rel_path: str) -> tuple[PurePosixPath, str, str]:
     return path.parent, path.stem, path.suffix
 
 
-def output_candidates(rel_path: str) -> Iterator[str]:
-    """Output names for an input, in order of preference (the collision rule).
+def output_candidates(rel_path: str, tail: str = ".png") -> Iterator[str]:
+    """Output names for an input, in order of preference (the collision rule); ``tail`` is
+    what follows the stem (a recipe's suffix and extension, ``.png`` by default).
 
     ``photos/a.jpg`` wants ``photos/a.png``. When another input of the same folder already
     owns that name (``photos/a.png`` or ``photos/A.jpeg`` came first), the next candidate
     carries the input's own extension: ``photos/a~jpg.png``, then ``photos/a~jpg~2.png``…
+    Each within 255 bytes: the stem is shortened, never the tail.
     """
     parent, stem, suffix = _split(rel_path)
-    yield str(parent / fit_name(stem, ".png"))
+    yield str(parent / fit_name(stem, tail))
     ext = suffix.lstrip(".").lower() or "noext"
-    yield str(parent / fit_name(f"{stem}~{ext}", ".png"))
+    yield str(parent / fit_name(f"{stem}~{ext}", tail))
     n = 2
     while True:
-        yield str(parent / fit_name(f"{stem}~{ext}~{n}", ".png"))
+        yield str(parent / fit_name(f"{stem}~{ext}~{n}", tail))
         n += 1
 
 

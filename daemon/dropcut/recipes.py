@@ -43,6 +43,7 @@ alpha holds no subject pixel falls back to the whole image.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -65,7 +66,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from dropcut.paths import NAME_MAX, STAGING_DIR, fit_name, output_key
+from dropcut.paths import NAME_MAX, STAGING_DIR, output_candidates, output_key
 
 if TYPE_CHECKING:  # numpy only where the geometry is computed (a render worker); the
     import numpy as np  # daemon, which validates recipes, never needs it
@@ -323,7 +324,11 @@ class OutputSpec(BaseModel):
     def resolve(self) -> OutputSpec:
         """This spec with its preset applied and every default filled in (``preset`` is
         ``None``; ``background`` and, for jpeg/webp, ``quality`` are concrete). Resolving a
-        resolved spec gives an equal one."""
+        resolved spec gives an equal one. (Worked out once per spec: a spec is frozen.)"""
+        return self._resolved
+
+    @functools.cached_property
+    def _resolved(self) -> OutputSpec:
         return OutputSpec.model_construct(preset=None, **self._resolved_values())
 
     @property
@@ -331,7 +336,7 @@ class OutputSpec(BaseModel):
         """File extension of the output, without the dot: png, jpg, webp (mask: png)."""
         return EXTENSIONS[self.resolve().format]
 
-    @property
+    @functools.cached_property
     def tail(self) -> str:
         """What follows the stem in the output's name: ``suffix`` + ``.`` + extension."""
         resolved = self.resolve()
@@ -520,19 +525,9 @@ def _join(folder: str, rel: str) -> str:
 
 def name_candidates(rel_path: str, tail: str) -> Iterator[str]:
     """:func:`dropcut.paths.output_candidates` for an output ending in ``tail`` (suffix and
-    extension, e.g. ``-amazon.jpg``) instead of ``.png``: ``a.jpg`` → ``a-amazon.jpg``,
-    ``a~jpg-amazon.jpg``, ``a~jpg~2-amazon.jpg``… each within 255 bytes (the stem is
-    shortened, never the tail). With ``tail = ".png"`` it is exactly
-    ``output_candidates``."""
-    path = PurePosixPath(rel_path)
-    parent, stem = path.parent, path.stem
-    ext = path.suffix.lstrip(".").lower() or "noext"
-    yield str(parent / fit_name(stem, tail))
-    yield str(parent / fit_name(f"{stem}~{ext}", tail))
-    n = 2
-    while True:
-        yield str(parent / fit_name(f"{stem}~{ext}~{n}", tail))
-        n += 1
+    extension, e.g. ``-amazon.jpg``): ``a.jpg`` → ``a-amazon.jpg``, ``a~jpg-amazon.jpg``,
+    ``a~jpg~2-amazon.jpg``… each within 255 bytes."""
+    return output_candidates(rel_path, tail)
 
 
 def output_name_sets(rel_path: str, specs: Sequence[OutputSpec]) -> Iterator[list[str]]:
