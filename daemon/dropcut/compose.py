@@ -606,3 +606,25 @@ def save_mask(
     if exif_bytes:
         params["exif"] = exif_bytes
     return _write(im, dest, "PNG", params)
+
+
+def save_png(
+    image: Image.Image | npt.ArrayLike,
+    dest: Path,
+    *,
+    icc_profile: bytes | None,
+    exif: bytes | None,
+    compress_level: int = 1,
+) -> int:
+    """Write a placed output (RGB, or RGBA with straight alpha) as PNG to ``dest`` and
+    fsync it; returns its size in bytes. ``icc_profile``, ``exif``: as for
+    :func:`save_jpeg`; ``compress_level``: zlib 0–9. Raises ``ValueError`` for another
+    mode; ``OSError`` for I/O failures."""
+    im = _as_image(image, ("RGB", "RGBA"))
+    params: dict[str, object] = {"compress_level": compress_level}
+    if icc_profile:
+        params["icc_profile"] = icc_profile
+    exif_bytes = _exif_with_header(exif)
+    if exif_bytes:
+        params["exif"] = exif_bytes
+    return _write(im, dest, "PNG", params)

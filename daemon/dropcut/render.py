@@ -694,7 +694,9 @@ def render_outputs(
                     method=WEBP_METHOD,
                 )
             else:
-                _save_png(out, dest, icc_profile=icc_profile, exif=exif)
+                compose.save_png(
+                    out, dest, icc_profile=icc_profile, exif=exif, compress_level=DEFAULT_COMPRESS_LEVEL
+                )
 
         written.extend(dest for _, dest in resolved)
         # Resizing and encoding release the GIL: two outputs at a time use both cores.
@@ -740,19 +742,5 @@ def _write_cutout(
             compress_level=DEFAULT_COMPRESS_LEVEL,
             threads=max(1, min(2, os.cpu_count() or 1)),
         )
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _save_png(img: Image.Image, dest: Path, *, icc_profile: bytes | None, exif: bytes | None) -> None:
-    """A composed (cropped, placed) output as PNG, written and fsynced (Pillow's encoder:
-    these are canvas-sized, not the full-resolution stream :func:`render_cutout` writes)."""
-    params: dict[str, object] = {"compress_level": DEFAULT_COMPRESS_LEVEL}
-    if icc_profile:
-        params["icc_profile"] = icc_profile
-    if exif:
-        params["exif"] = exif
-    with dest.open("wb") as fh:
-        img.save(fh, format="PNG", **params)
         fh.flush()
         os.fsync(fh.fileno())
