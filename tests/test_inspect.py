@@ -28,7 +28,6 @@ from dropcut.inspect import (
     Unreadable,
     Vanished,
     describe_content,
-    file_identity_matches,
     inspect_file,
     open_dir_nofollow,
     sniff_format,
@@ -661,7 +660,7 @@ def test_rel_path_that_could_escape_is_a_caller_bug(inbox: Path, spool: Path, re
 
 
 # ---------------------------------------------------------------------------------------
-# stat_entry, open_dir_nofollow, file_identity_matches
+# stat_entry, open_dir_nofollow, the file's identity
 # ---------------------------------------------------------------------------------------
 
 
@@ -703,15 +702,11 @@ def test_open_dir_nofollow(inbox: Path, outside: Path) -> None:
         open_dir_nofollow(inbox, "a/missing")
 
 
-def _identity(inbox: Path, spool: Path, rel: str) -> dict[str, int]:
+def _identity(inbox: Path, spool: Path, rel: str) -> tuple[int, int, int, int, int]:
+    """(size, mtime, ctime, inode, device) as inspection recorded them for the job."""
     result = inspect(inbox, rel, spool)
     assert isinstance(result, Inspected)
-    return {
-        "size": result.size,
-        "mtime_ns": result.mtime_ns,
-        "inode": result.inode,
-        "device": result.device,
-    }
+    return (result.size, result.mtime_ns, result.ctime_ns, result.inode, result.device)
 
 
 def _touch(path: Path, side: Path) -> None:
@@ -755,12 +750,17 @@ IDENTITY_CHANGES: list[tuple[str, Callable[[Path, Path], None] | None, bool]] = 
     [(c, e) for _, c, e in IDENTITY_CHANGES],
     ids=[i for i, _, _ in IDENTITY_CHANGES],
 )
-def test_file_identity_matches(
+def test_the_file_is_still_the_one_inspected(
     inbox: Path,
     spool: Path,
     change: Callable[[Path, Path], None] | None,
     expected: bool,
 ) -> None:
+    """What the dispatcher asks before it spends anything on a job, and before it moves an
+    input (:meth:`dropcut.publish.Publisher.source_state`, signature with the ctime)."""
+    from dropcut.paths import Layout
+    from dropcut.publish import Publisher
+
     path = inbox / "photo.png"
     path.write_bytes(encode("PNG"))
     identity = _identity(inbox, spool, "photo.png")
@@ -768,7 +768,8 @@ def test_file_identity_matches(
     side.mkdir()
     if change is not None:
         change(path, side)
-    assert file_identity_matches(inbox, "photo.png", **identity) is expected
+    publisher = Publisher(Layout(inbox, side, side, side, spool), on_success="archive", clock=lambda: 0.0)
+    assert publisher.identity_matches("photo.png", identity) is expected
 
 
 # ---------------------------------------------------------------------------------------

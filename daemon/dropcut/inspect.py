@@ -68,7 +68,6 @@ __all__ = [
     "Unreadable",
     "Vanished",
     "describe_content",
-    "file_identity_matches",
     "inspect_file",
     "inspect_some",
     "open_dir_nofollow",
@@ -386,31 +385,6 @@ def stat_entry(inbox: Path, rel_path: str) -> os.stat_result | None:
         raise
     finally:
         os.close(dir_fd)
-
-
-def file_identity_matches(
-    inbox: Path, rel_path: str, *, size: int, mtime_ns: int, inode: int, device: int
-) -> bool:
-    """True only if ``inbox/rel_path`` is still the very regular file that was inspected
-    (same device, inode, size and mtime), checked without following links.  Any doubt
-    (vanished, a link, an error) is False: then the entry must not be archived."""
-    try:
-        st = stat_entry(inbox, rel_path)
-    except OSError:
-        return False
-    return (
-        st is not None
-        and stat.S_ISREG(st.st_mode)
-        and st.st_size == size
-        and st.st_mtime_ns == mtime_ns
-        and st.st_ino == inode
-        and st.st_dev == device
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# inspect_file
-# ---------------------------------------------------------------------------------------
 
 
 def _errno_name(err: OSError) -> str:
