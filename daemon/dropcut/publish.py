@@ -486,50 +486,6 @@ class Publisher:
         job without a second copy.
         """
         from_inbox = self.identity_matches(rel_path, identity)
-        held_as: str | None = None
-        if from_inbox and sha256:
-            # the file at that name must be the refused content (a save in between is
-            # never quarantined in its place: it goes back, and the spooled bytes are)
-            what = self._hold(rel_path, sha256, identity)
-            from_inbox = what.startswith("held:")
-            held_as = what.removeprefix("held:") if from_inbox else None
-        try:
-            return self._quarantine(
-                rel_path,
-                sha256,
-                size,
-                error,
-                attempts,
-                first_seen,
-                history,
-                spool,
-                q_rel,
-                before_move,
-                from_inbox=from_inbox,
-                held_as=held_as,
-            )
-        except OSError:
-            if held_as is not None:  # where the user can see it while it waits for the next try
-                with contextlib.suppress(OSError):
-                    self.restore_held(held_as)
-            raise
-
-    def _quarantine(
-        self,
-        rel_path: str,
-        sha256: str | None,
-        size: int | None,
-        error: dict[str, Any],
-        attempts: int,
-        first_seen: float,
-        history: list[dict[str, Any]],
-        spool: Path | None,
-        q_rel: str | None,
-        before_move: Callable[[str], None] | None,
-        *,
-        from_inbox: bool,
-        held_as: str | None,
-    ) -> str | None:
         if q_rel is not None and not from_inbox and self._in_quarantine(q_rel):
             return q_rel  # moved before a crash
         if not from_inbox and (spool is None or not spool.exists()):
@@ -550,15 +506,31 @@ class Publisher:
         write_json(self.layout.quarantine, error_json_rel(q_rel), record)
         if before_move is not None:
             before_move(q_rel)
-        if from_inbox:
-            moved = move_in(
-                self.layout.inbox, held_as or rel_path, self.layout.quarantine, [q_rel], sha256=sha256
-            )
-            if moved is None:
+        held_as: str | None = None
+        if from_inbox and sha256:
+            # Only now, with the quarantine folder shown writable, is the input taken out of
+            # the user's way: the file at that name must be the refused content (a save in
+            # between is never quarantined in its place: it goes back, the spooled bytes go).
+            what = self._hold(rel_path, sha256, identity)
+            from_inbox = what.startswith("held:")
+            held_as = what.removeprefix("held:") if from_inbox else None
+            if not from_inbox and (spool is None or not spool.exists()):
                 return None
-        else:
-            assert spool is not None
-            place(copy_to_staging(spool, self.layout.quarantine), self.layout.quarantine, q_rel)
+        try:
+            if from_inbox:
+                moved = move_in(
+                    self.layout.inbox, held_as or rel_path, self.layout.quarantine, [q_rel], sha256=sha256
+                )
+                if moved is None:
+                    return None
+            else:
+                assert spool is not None
+                place(copy_to_staging(spool, self.layout.quarantine), self.layout.quarantine, q_rel)
+        except OSError:
+            if held_as is not None:  # where the user can see it while it waits for the next try
+                with contextlib.suppress(OSError):
+                    self.restore_held(held_as)
+            raise
         return q_rel
 
     def _in_quarantine(self, q_rel: str) -> bool:
