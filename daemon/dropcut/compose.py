@@ -488,8 +488,22 @@ def _as_image(image: Image.Image | npt.ArrayLike, modes: tuple[str, ...]) -> Ima
     return im
 
 
-def _write(im: Image.Image, dest: Path, fmt: str, params: dict[str, object]) -> int:
-    """Save ``im`` to ``dest`` (created/truncated), flush and fsync; unlink on failure."""
+def _write(
+    im: Image.Image,
+    dest: Path,
+    fmt: str,
+    params: dict[str, object],
+    *,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
+) -> int:
+    """Save ``im`` to ``dest`` (created/truncated) with ``params`` and the ICC profile and
+    EXIF given (either may be None), flush and fsync; unlink on failure."""
+    if icc_profile:
+        params = {**params, "icc_profile": icc_profile}
+    exif_bytes = _exif_with_header(exif)
+    if exif_bytes:
+        params = {**params, "exif": exif_bytes}
     try:
         with open(dest, "wb") as fh:
             im.save(fh, format=fmt, **params)
@@ -541,12 +555,7 @@ def save_jpeg(
     if subsampling not in (0, 1, 2):
         raise ValueError(f"subsampling {subsampling}: expected 0 (4:4:4), 1 (4:2:2) or 2 (4:2:0)")
     params: dict[str, object] = {"quality": quality, "subsampling": subsampling, "optimize": optimize}
-    if icc_profile:
-        params["icc_profile"] = icc_profile
-    exif_bytes = _exif_with_header(exif)
-    if exif_bytes:
-        params["exif"] = exif_bytes
-    return _write(im, dest, "JPEG", params)
+    return _write(im, dest, "JPEG", params, icc_profile=icc_profile, exif=exif)
 
 
 def save_webp(
@@ -574,12 +583,7 @@ def save_webp(
     if max(im.size) > 16383:
         raise ValueError(f"{im.size}: WebP is limited to 16383 px a side")
     params: dict[str, object] = {"quality": quality, "lossless": lossless, "method": method, "exact": False}
-    if icc_profile:
-        params["icc_profile"] = icc_profile
-    exif_bytes = _exif_with_header(exif)
-    if exif_bytes:
-        params["exif"] = exif_bytes
-    return _write(im, dest, "WEBP", params)
+    return _write(im, dest, "WEBP", params, icc_profile=icc_profile, exif=exif)
 
 
 def save_mask(
@@ -602,10 +606,7 @@ def save_mask(
     if not 0 <= compress_level <= 9:
         raise ValueError(f"compress_level {compress_level}: expected 0-9")
     params: dict[str, object] = {"compress_level": compress_level}
-    exif_bytes = _exif_with_header(exif)
-    if exif_bytes:
-        params["exif"] = exif_bytes
-    return _write(im, dest, "PNG", params)
+    return _write(im, dest, "PNG", params, exif=exif)
 
 
 def save_png(
@@ -622,9 +623,4 @@ def save_png(
     mode; ``OSError`` for I/O failures."""
     im = _as_image(image, ("RGB", "RGBA"))
     params: dict[str, object] = {"compress_level": compress_level}
-    if icc_profile:
-        params["icc_profile"] = icc_profile
-    exif_bytes = _exif_with_header(exif)
-    if exif_bytes:
-        params["exif"] = exif_bytes
-    return _write(im, dest, "PNG", params)
+    return _write(im, dest, "PNG", params, icc_profile=icc_profile, exif=exif)
