@@ -85,6 +85,8 @@ class Folders:
             "credit_check_interval_seconds": 0.5,
             "request_timeout_seconds": 10.0,
             "log_format": "json",
+            # tests run side by side: no fixed port (the HTTP side's tests pick port 0)
+            "http_listen": "",
         }
         values.update(overrides)
         return values

@@ -448,12 +448,23 @@ def test_status_after_a_run(
     assert report["last_error"]["file"] == "notes.jpg"
     assert report["last_error"]["error"]["status"] == 415
     assert report["last_error"]["error"]["code"]
+    # the overview (README: "dropcut status --json")
+    assert report["running"] is False
+    assert report["backlog"] == 0 and report["eta_seconds"] is None
+    assert report["rate"]["used"] == {"minute": 2, "hour": 2, "day": 2}  # two requests, one refused locally
+    assert report["rate"]["limit"] == 50 and report["rate"]["period_seconds"] == 1.0
+    assert report["rate"]["allowance"] == {"minute": 3000, "hour": 180000, "day": 4320000}
+    assert report["last_success"] is not None
+    assert report["conditions"] == []
 
     code, out, _ = cli("status")
     assert code == 0
     assert "done 2" in out and "quarantined 1" in out and "queued 0" in out
-    assert "not paused" in out
-    assert "last error: notes.jpg: 415" in out
+    assert "dropcut: not running" in out
+    assert "requests: 2/3000 in the last minute" in out
+    assert "not paused; no conditions" in out
+    assert "last error: notes.jpg: HTTP 415 " in out
+    assert "None" not in out
     assert SECRET not in out
 
 

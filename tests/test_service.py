@@ -249,6 +249,9 @@ RELOADED: dict[str, object] = {
     "result_cache_bytes": 12345,
     "shutdown_grace_seconds": 4.0,
     "log_level": "debug",
+    "condition_report_seconds": 7.0,
+    "http_token": "a-new-token-0123456789",
+    "http_token_file": "/run/credentials/none/dropcut-http-token",
     "outputs": RawToml(recipe_key([OutputSpec(preset="white-jpeg")]), '[{preset = "white-jpeg"}]'),
     "folders": RawToml(
         folders_key({"web": (OutputSpec(preset="webp"),)}), '{web = {outputs = [{preset = "webp"}]}}'
@@ -291,6 +294,9 @@ def in_force(d: Daemon) -> dict[str, object]:
         "on_success": d.publisher.on_success,
         "result_cache_bytes": d.cache.max_bytes,
         "shutdown_grace_seconds": d.settings.shutdown_grace_seconds,
+        "condition_report_seconds": d.monitor.report_every,
+        "http_token": token.get_secret_value() if (token := d.settings.resolve_http_token()) else None,
+        "http_token_file": str(d.settings.http_token_file),
         "log_level": "debug" if structlog.get_logger().is_enabled_for(logging.DEBUG) else "not debug",
     }
 

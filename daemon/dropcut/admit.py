@@ -25,6 +25,7 @@ import structlog
 from dropcut import inspect as insp
 from dropcut import worker
 from dropcut.capture import Note
+from dropcut.observe import NoRecorder, Recorder
 from dropcut.paths import HELD_PREFIX, output_key
 from dropcut.publish import Publisher
 from dropcut.queue import JobQueue, NewJob, Signature
@@ -85,8 +86,10 @@ class Admission:
         min_observations: int,
         on_held: Callable[[str], None] = lambda rel_path: None,
         clock: Callable[[], float] = time.time,
+        recorder: Recorder | None = None,
     ) -> None:
         self.settings = settings
+        self._recorder: Recorder = recorder or NoRecorder()
         self._queue = queue
         self._publisher = publisher
         self._spool_dir = spool_dir
@@ -536,6 +539,7 @@ class Admission:
             self.notice(rel)
             return
         self._queue.add_quarantined(job, {**error, "quarantined_as": placed})
+        self._recorder.file_finished("quarantined")
         self._log.warning(
             "file_quarantined",
             file=rel,

@@ -7,13 +7,15 @@ does not restart on it: ``RestartPreventExitStatus=2``).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
-from pathlib import Path, PurePosixPath
+from datetime import date, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dropcut import __version__
@@ -169,21 +171,22 @@ def _status_redactor(settings: Settings) -> Redactor:
 
 
 def _status_data(settings: Settings) -> dict[str, Any]:
+    from dropcut.overview import iso, read_overview
     from dropcut.queue import JobQueue, connect
 
     db = settings.state_dir / "queue.sqlite3"
+    running = _daemon_running(settings)
     if not db.exists():
-        return {"database": str(db), "exists": False}
+        return {"database": str(db), "exists": False, "running": running}
     conn = connect(db, readonly=True)
     try:
         queue = JobQueue(conn)
-        counts = queue.counts()
-        try:
-            frames_skipped = queue.frames_skipped()
-        except sqlite3.OperationalError:  # a database the daemon has not migrated yet
-            frames_skipped = 0
-        paused = queue.get_meta("paused")
-        credit = queue.get_meta("credit")
+        overview = read_overview(
+            queue,
+            limit=settings.rate_limit_requests,
+            period=settings.rate_limit_period_seconds,
+            now=time.time(),
+        )
         row = conn.execute(
             "SELECT rel_path, error, updated_at FROM jobs WHERE error IS NOT NULL "
             "ORDER BY updated_at DESC LIMIT 1"
@@ -192,27 +195,41 @@ def _status_data(settings: Settings) -> dict[str, Any]:
         conn.close()
     last_error = None
     if row is not None:
-        last_error = {
-            "file": row["rel_path"],
-            "error": json.loads(row["error"]),
-            "at": _iso(row["updated_at"]),
-        }
+        error = json.loads(row["error"])
+        last_error = {"file": row["rel_path"], "error": error, "at": iso(row["updated_at"])}
     return {
         "database": str(db),
         "exists": True,
-        "jobs": counts,
-        "frames_skipped": frames_skipped,
-        "paused": paused,
-        "credit": credit,
+        "running": running,
+        **overview.to_json(),
         "last_error": last_error,
     }
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+def _daemon_running(settings: Settings) -> bool | None:
+    """Does a daemon hold the lock of this ``state_dir``? None: cannot tell (no access)."""
+    from dropcut.paths import Layout
+
+    try:
+        fd = os.open(Layout.of(settings).lock_file, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return False
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
+    from dropcut.overview import human_duration
+
     try:
         report = status_report(settings)
     except sqlite3.Error as exc:
@@ -221,43 +238,90 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
+    running = {True: "running", False: "not running", None: "unknown (cannot read its lock)"}
+    print(f"dropcut: {running[report['running']]} — state in {settings.state_dir}")
     if not report["exists"]:
         print(f"no queue yet at {report['database']}")
         return EXIT_OK
     jobs = report["jobs"]
     print("jobs:  " + "  ".join(f"{state} {n}" for state, n in jobs.items()))
+    rate = report["rate"]
+    used, allowed = rate["used"], rate["allowance"]
+    backlog = report["backlog"]
+    if backlog:
+        eta = report["eta_seconds"]
+        when = f"about {human_duration(eta)} at the allowance" if eta is not None else "unknown while paused"
+        print(f"backlog: {backlog} files; done in {when}")
+    else:
+        print("backlog: none")
+    print(
+        f"requests: {used['minute']}/{allowed['minute']} in the last minute, "
+        f"{used['hour']}/{allowed['hour']} in the last hour, {used['day']}/{allowed['day']} in the last day "
+        f"(allowance {rate['limit']} per {rate['period_seconds']:g} s)"
+    )
+    print(f"last success: {report['last_success'] or 'never'}")
     if report.get("frames_skipped"):
         print(f"cut to their first frame (multi-page or animated): {report['frames_skipped']} files")
-    paused = report["paused"]
-    if paused:
-        print(f"PAUSED since {_iso(paused.get('since'))}: {paused.get('code')} — {paused.get('detail')}")
-        if paused.get("location"):
-            print(f"  redirected to: {paused['location']} (check api_url)")
-    else:
-        print("running (not paused)")
     credit = report["credit"]
     if credit:
-        print(
-            f"credit: {credit.get('credit')} (expires {credit.get('expiration_date')}, "
-            f"checked {_iso(credit.get('checked_at'))})"
-        )
+        line = f"credit: {credit.get('credit', 'unknown')}"
+        if credit.get("expiration_date"):
+            line += f", expires {credit['expiration_date']}"
+        if credit.get("checked_at"):
+            line += f" (checked {iso_of(credit['checked_at'])})"
+        print(line)
+    else:
+        print("credit: not checked yet")
+    conditions = report["conditions"]
+    if conditions:
+        when = "now" if report["running"] else "when the daemon last ran"
+        print(f"conditions ({when}):")
+        for c in conditions:
+            print(f"  - {c['sentence']}")
+    paused = report["paused"]
+    if paused:
+        print(f"PAUSED since {iso_of(paused.get('since')) or 'unknown'}: {_words(paused)}")
+        if paused.get("location"):
+            print(f"  redirected to: {paused['location']} (check api_url)")
+    elif not conditions:
+        print("not paused; no conditions")
     last = report["last_error"]
     if last:
-        err = last["error"]
-        print(f"last error: {last['file']}: {err.get('status')} {err.get('code')} — {err.get('detail')}")
+        print(f"last error: {last['file']}: {_words(last['error'])} ({last['at']})")
     return EXIT_OK
+
+
+def iso_of(ts: Any) -> str | None:
+    from dropcut.overview import iso
+
+    return iso(float(ts)) if isinstance(ts, int | float) else None
+
+
+def _words(error: Any) -> str:
+    """An error record in words, with no ``None`` in them: ``HTTP 402 no_credit — detail``."""
+    if not isinstance(error, dict):
+        return str(error)
+    parts = []
+    if error.get("status") is not None:
+        parts.append(f"HTTP {error['status']}")
+    if error.get("code"):
+        parts.append(str(error["code"]))
+    text = " ".join(parts) or "error"
+    if error.get("detail"):
+        text += f" — {error['detail']}"
+    return text
 
 
 def _relative(settings: Settings, path: Path, other: Path | None = None) -> str:
     """``path`` relative to the quarantine (or ``other``) or the inbox, as the queue names it."""
-    full = Path(os.path.abspath(path))
-    for root in (other or settings.quarantine, settings.inbox):
-        if full.is_relative_to(root):
-            return str(PurePosixPath(*full.relative_to(root).parts))
-    return str(PurePosixPath(*path.parts))
+    from dropcut.retry import relative
+
+    return relative(settings, path, other)
 
 
 def _retry(settings: Settings, args: argparse.Namespace) -> int:
+    """``dropcut retry``: see :mod:`dropcut.retry` (the status page's Retry button does the
+    same). Exit 1 when a file was not quarantined or could not be put back."""
     if not args.all and not args.paths:
         print("dropcut: retry needs PATH… or --all", file=sys.stderr)
         return EXIT_CONFIG
@@ -268,40 +332,24 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
         if args.all:
             print("dropcut: no queue yet: nothing is quarantined", file=sys.stderr)
         return EXIT_FAILURE
-    from dropcut.paths import error_json_rel, numbered_candidates
-    from dropcut.publish import move_in
     from dropcut.queue import JobQueue
+    from dropcut.retry import retry_job, select
 
     queue = JobQueue.open(db)
     failed = 0
     try:
-        jobs = queue.quarantined_jobs()
-        if not args.all:
-            wanted = {_relative(settings, p) for p in args.paths}
-            jobs = [j for j in jobs if j.rel_path in wanted or _q_rel(queue, j.id) in wanted]
-            found = {j.rel_path for j in jobs} | {_q_rel(queue, j.id) for j in jobs}
-            for missing in sorted(wanted - found):
-                print(f"dropcut: {missing}: not quarantined", file=sys.stderr)
-                failed += 1
+        wanted = None if args.all else {_relative(settings, p) for p in args.paths}
+        jobs, missing = select(queue, wanted)
+        for name in missing:
+            print(f"dropcut: {name}: not quarantined", file=sys.stderr)
+            failed += 1
         for job in jobs:
-            q_rel = _q_rel(queue, job.id) or job.rel_path
-            # Forget the job first: a running daemon that sees the file come back must
-            # not take it for the quarantined job it was.
-            row = queue.forget(job.id)
-            try:
-                back = move_in(settings.quarantine, q_rel, settings.inbox, numbered_candidates(job.rel_path))
-            except OSError as exc:
-                if row is not None:
-                    queue.restore(row)  # still quarantined: a later retry can find it
-                print(f"dropcut: {q_rel}: cannot move back: {exc.strerror}", file=sys.stderr)
+            result = retry_job(settings, queue, job)
+            if result.back_as is None:
+                print(f"dropcut: {result.quarantined_as}: {result.problem}", file=sys.stderr)
                 failed += 1
-                continue
-            if back is None:
-                print(f"dropcut: {q_rel}: no longer in the quarantine folder", file=sys.stderr)
-                failed += 1
-                continue
-            (settings.quarantine / error_json_rel(q_rel)).unlink(missing_ok=True)
-            print(f"requeued {q_rel} -> inbox/{back}")
+            else:
+                print(f"requeued {result.quarantined_as} -> inbox/{result.back_as}")
     finally:
         queue.close()
     return EXIT_FAILURE if failed else EXIT_OK
@@ -349,9 +397,9 @@ def _rerender(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _q_rel(queue: JobQueue, job_id: int) -> str | None:
-    error = queue.job_error(job_id)
-    value = error.get("quarantined_as") if error else None
-    return str(value) if value else None
+    from dropcut.retry import quarantined_as
+
+    return quarantined_as(queue, job_id)
 
 
 if __name__ == "__main__":

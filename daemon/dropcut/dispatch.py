@@ -14,6 +14,7 @@ import errno
 import os
 import random
 import shutil
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -26,14 +27,15 @@ from PIL import Image
 from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from dropcut.cache import ResultCache
-from dropcut.client import WithoutBG
+from dropcut.client import ALPHA_PATH, REMOVE_PATH, WithoutBG
 from dropcut.decode import DecodeError
 from dropcut.judge import Code, Outcome, Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
+from dropcut.observe import NoRecorder, Recorder
 from dropcut.pace import Pacer
 from dropcut.paths import Layout, output_key, result_key
 from dropcut.produce import Producer
 from dropcut.publish import Publisher, copy_to_staging, new_staging_file
-from dropcut.queue import Job, JobQueue
+from dropcut.queue import Job, JobQueue, RequestRecord
 from dropcut.recipes import output_name_sets, recipe_from_json
 from dropcut.settings import Settings
 from dropcut.watch import inbox_problem
@@ -58,6 +60,7 @@ class _Upload:
     format: str
     expected_size: tuple[int, int] | None
     send: Callable[..., Awaitable[Outcome]]
+    endpoint: str  # its path, for the request log and the metrics
 
 
 def _unlink_all(paths: list[Path]) -> None:
@@ -120,8 +123,10 @@ class Dispatcher:
         rng: random.Random | None = None,
         notice: Callable[[str], None] | None = None,
         producer: Producer | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.settings = settings
+        self._recorder: Recorder = recorder or NoRecorder()
         self._layout = layout
         self._queue = queue
         self._client = client
@@ -141,6 +146,7 @@ class Dispatcher:
         self._hold_until = 0.0
         self._move_failures: dict[int, str] = {}  # job id -> why its input could not be moved
         self._outage_streak = 0  # steps of the current outage (429, 5xx, network; see outage_step)
+        self._outage: tuple[float, str] | None = None  # (since, the last failure in words)
         self._outage_step_at = float("-inf")
         self._low_credit = False
         self._log = structlog.get_logger()
@@ -166,6 +172,13 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def outage(self) -> tuple[float, str] | None:
+        """``(since, why)`` while requests fail service-wide (no connection, time-outs, 5xx,
+        429: the API cannot be reached or will not serve), else None; ``since``: wall
+        seconds the first failing request started."""
+        return self._outage
 
     @property
     def paused(self) -> dict[str, Any] | None:
@@ -372,6 +385,7 @@ class Dispatcher:
         # (paid: the answer came after the file went; it is in the result cache, so the
         # same photo under its new name costs nothing)
         log.info("job_cancelled", reason=why, paid=paid)
+        self._recorder.file_finished("cancelled")
         if why == "changed":
             self._notice(job.rel_path)
 
@@ -431,7 +445,7 @@ class Dispatcher:
         if s.api_mode == "cutout":
             width, height = image_size(spool)
             size = (width, height) if width and height else None
-            return _Upload(spool, job.format, size, self._client.remove_background)
+            return _Upload(spool, job.format, size, self._client.remove_background, REMOVE_PATH)
         path = self._layout.proxy_file(job.sha256, s.proxy_max_side)
         try:
             proxy = await self._producer.proxy(
@@ -453,7 +467,7 @@ class Dispatcher:
                 raise
             self._attempt_failed(job, PROXY_FAILED, f"cannot make the proxy: {_text(exc)}", log)
             return None
-        return _Upload(path, proxy.format, proxy.size, self._client.alpha_channel)
+        return _Upload(path, proxy.format, proxy.size, self._client.alpha_channel, ALPHA_PATH)
 
     async def _send(self, job: Job, spool: Path, log: BoundLogger) -> None:
         upload = await self._upload_of(job, spool, log)
@@ -481,6 +495,16 @@ class Dispatcher:
                     expected_size=upload.expected_size,
                 )
             duration_ms = round((time.monotonic() - began) * 1000)
+            self._request_finished(
+                RequestRecord(
+                    started=started,
+                    endpoint=upload.endpoint,
+                    status=outcome.status,
+                    seconds=time.monotonic() - began,
+                    sent=upload.path.stat().st_size,
+                    received=staged.stat().st_size if staged.exists() else 0,
+                )
+            )
             policy = retry_policy(self.settings)
             decision = judge(
                 outcome, attempt=attempt, policy=policy, now=datetime.now(UTC), jitter=self._rng.random()
@@ -490,8 +514,12 @@ class Dispatcher:
                 self._outage_streak, self._outage_step_at = outage_step(
                     self._outage_streak, self._outage_step_at, started=started, now=self._clock()
                 )
+                assert isinstance(decision, Retry)
+                why = f"{decision.code}: {decision.detail}" if decision.detail else str(decision.code)
+                self._outage = (self._outage[0] if self._outage is not None else started, why)
             elif not (isinstance(decision, Refuse) and decision.code == Code.RETRIES_EXHAUSTED):
                 self._outage_streak = 0  # (a job giving up says nothing about the service)
+                self._outage = None
             entry = {
                 "attempt": attempt,
                 "at": self._clock(),
@@ -554,6 +582,15 @@ class Dispatcher:
             if not handed_over:
                 staged.unlink(missing_ok=True)
 
+    def _request_finished(self, record: RequestRecord) -> None:
+        """Log a request (the request log: ``dropcut status``'s use of the allowance) and
+        count it; a log that cannot be written costs the count, never the job."""
+        try:
+            self._queue.record_request(record)
+        except sqlite3.Error as exc:
+            self._log.warning("request_log_failed", detail=str(exc))
+        self._recorder.request_finished(record)
+
     # --- finishing ---------------------------------------------------------------------
 
     async def _publish(
@@ -597,6 +634,7 @@ class Dispatcher:
                 return
             log.info("output_written", output=out_rel, cached=from_cache)
         self._queue.mark_published(job.id, names[0], record)
+        self._recorder.file_finished("reused" if from_cache else "published")
         self.finish_published(self._queue.get(job.id) or job)
 
     def _outbox_problem(self) -> str | None:
@@ -750,6 +788,7 @@ class Dispatcher:
             self._queue.release(job.id)
             self._move_failed(job, exc, "quarantine_failed")
             return
+        self._recorder.file_finished("quarantined")
         log.warning(
             "file_quarantined",
             status=decision.status,

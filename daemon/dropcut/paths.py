@@ -10,6 +10,10 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dropcut.settings import Settings
 
 STAGING_DIR = ".dropcut-staging"
 """Hidden folder at the top of outbox, archive and quarantine where files are completed
@@ -33,6 +37,17 @@ class Layout:
     quarantine: Path
     archive: Path
     state_dir: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> Layout:
+        """The layout of a configuration's folders."""
+        return cls(
+            inbox=settings.inbox,
+            outbox=settings.outbox,
+            quarantine=settings.quarantine,
+            archive=settings.archive,
+            state_dir=settings.state_dir,
+        )
 
     @property
     def database(self) -> Path:

@@ -74,7 +74,20 @@ CREATE TABLE IF NOT EXISTS outputs (
 CREATE INDEX IF NOT EXISTS outputs_owner ON outputs (rel_path);
 CREATE TABLE IF NOT EXISTS slots (started REAL NOT NULL, sent REAL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    started REAL NOT NULL,
+    endpoint TEXT NOT NULL,
+    status INTEGER,
+    seconds REAL NOT NULL,
+    sent INTEGER NOT NULL,
+    received INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_started ON requests (started);
+CREATE INDEX IF NOT EXISTS jobs_recent ON jobs (state, updated_at);
 """
+
+REQUEST_HISTORY_SECONDS = 40 * 86400.0
+"""How long the request log (``requests``) keeps a request: a month and some."""
 
 ACTIVE_STATES = ("queued", "inflight", "published")
 SIGNATURE_CHUNK = 500  # paths per query in known_signatures (SQLite allows 999 parameters)
@@ -82,6 +95,20 @@ STATES = ("queued", "inflight", "published", "done", "quarantining", "quarantine
 # Jobs whose file is not in the inbox under its signature any more: a file seen again with
 # such a job's signature was put back (quarantine) or is new (cancelled), and is read again.
 GONE_STATES = ("quarantined", "cancelled")
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request to the API, for the request log: ``started`` wall seconds, ``endpoint``
+    its path, ``status`` the HTTP status (None: no answer), ``seconds`` how long it took,
+    ``sent`` / ``received`` body bytes."""
+
+    started: float
+    endpoint: str
+    status: int | None
+    seconds: float
+    sent: int
+    received: int
+
 
 Signature = tuple[str, int, int, int, int]
 """``(rel_path, size, mtime_ns, ctime_ns, inode)`` of a file as a stat saw it."""
@@ -106,6 +133,7 @@ class Job:
     held_as: str | None = None  # the private name its input was moved to for disposal
     recipe: str | None = None  # JSON of its outputs' resolved specs (None: the default)
     archived_as: str | None = None  # where its input went in the archive (rerender reads it)
+    updated_at: float = 0.0  # wall seconds of its last change of state
 
     @property
     def identity(self) -> tuple[int, int, int, int, int]:
@@ -153,6 +181,7 @@ def _job(row: sqlite3.Row) -> Job:
         held_as=row["held_as"],
         recipe=row["recipe"],
         archived_as=row["archived_as"],
+        updated_at=row["updated_at"],
     )
 
 
@@ -493,11 +522,17 @@ class JobQueue:
             )
 
     def mark_published(self, job_id: int, output_rel: str, entry: dict[str, Any]) -> None:
+        now = self._clock()
         with self._tx() as db:
             self._append_history(db, job_id, entry)
             db.execute(
                 "UPDATE jobs SET state='published', output_rel=?, updated_at=?, error=NULL WHERE id=?",
-                (output_rel, self._clock(), job_id),
+                (output_rel, now, job_id),
+            )
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_success', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                (json.dumps(now),),
             )
 
     def mark_done(self, job_id: int, archived_as: str | None = None) -> None:
@@ -689,7 +724,41 @@ class JobQueue:
                     (key, json.dumps(value)),
                 )
 
+    # --- the request log ------------------------------------------------------------------
+
+    def record_request(self, request: RequestRecord) -> None:
+        """Log one request to the API (sent, answered or not); requests older than
+        :data:`REQUEST_HISTORY_SECONDS` are dropped in the same transaction."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO requests (started, endpoint, status, seconds, sent, received) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    request.started,
+                    request.endpoint,
+                    request.status,
+                    request.seconds,
+                    request.sent,
+                    request.received,
+                ),
+            )
+            db.execute("DELETE FROM requests WHERE started < ?", (request.started - REQUEST_HISTORY_SECONDS,))
+
+    def requests_since(self, since: float) -> int:
+        """How many requests were started at or after ``since`` (wall seconds)."""
+        row = self._conn.execute("SELECT COUNT(*) FROM requests WHERE started >= ?", (since,)).fetchone()
+        return int(row[0])
+
     # --- reporting and maintenance -------------------------------------------------------
+
+    def recent(self, states: Sequence[str], *, limit: int, offset: int = 0) -> list[Job]:
+        """Jobs in ``states``, the most recently changed first (a page of ``limit``)."""
+        marks = ", ".join("?" for _ in states)
+        rows = self._conn.execute(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?",
+            (*states, limit, offset),
+        ).fetchall()
+        return [_job(r) for r in rows]
 
     def frames_skipped(self) -> int:
         """How many files (jobs) had frames after the first that were not processed."""

@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -34,8 +35,10 @@ from dropcut.admit import Admission
 from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
 from dropcut.clock import RunClock
-from dropcut.dispatch import Dispatcher
+from dropcut.conditions import Observed
+from dropcut.dispatch import LOCAL_PAUSES, Dispatcher
 from dropcut.logs import Redactor, set_log_level
+from dropcut.monitor import Monitor
 from dropcut.pace import Pacer
 from dropcut.paths import Layout
 from dropcut.produce import Producer
@@ -63,13 +66,7 @@ class AlreadyRunning(Exception):
 
 
 def layout_of(settings: Settings) -> Layout:
-    return Layout(
-        inbox=settings.inbox,
-        outbox=settings.outbox,
-        quarantine=settings.quarantine,
-        archive=settings.archive,
-        state_dir=settings.state_dir,
-    )
+    return Layout.of(settings)
 
 
 class DaemonThreadExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -282,6 +279,13 @@ class Daemon:
             min_observations=self._min_observations(),
             clock=self._clock,
         )
+        self.monitor = Monitor(
+            s,
+            queue=self.queue,
+            observe=self._conditions,
+            in_flight=lambda: self.dispatcher.in_flight,
+            clock=self._clock,
+        )
         self._log.info("watch_mode_chosen", mode=self._watch_mode, reason=reason, fstype=fstype)
         self._start_watch()
         found = await self._rescan()
@@ -306,6 +310,7 @@ class Daemon:
             self._rescan_loop(),
             self._health_loop(),
             self._heartbeat(),
+            self.monitor.run(),
         ):
             self._spawn(coro)
         self._spawn(self.dispatcher.run(), name="dispatch")
@@ -546,6 +551,7 @@ class Daemon:
                 self.cache.evict()
             self.dispatcher.apply(new)
             self.admission.apply(new, min_observations=self._min_observations())
+            self.monitor.apply(new)
             self._rescan_wake.set()
             if self._watch_mode == "poll" and new.poll_interval_seconds != old.poll_interval_seconds:
                 self._rewatch = True  # the health check rebuilds the watch with it
@@ -555,19 +561,30 @@ class Daemon:
         self._notifier.ready()
 
     def status_line(self) -> str:
-        counts = self.queue.counts()
-        parts = [
-            f"queued {counts['queued']}",
-            f"in flight {self.dispatcher.in_flight}",
-            f"done {counts['done']}",
-            f"quarantined {counts['quarantined']}",
-        ]
+        """The one-line summary (systemd's ``STATUS=``, the console's status line)."""
+        if not self.monitor.summary:
+            self.monitor.tick()
+        return self.monitor.summary
+
+    def _conditions(self) -> list[Observed]:
+        """The conditions that hold now (see :mod:`dropcut.conditions`)."""
+        found: list[Observed] = []
+        outage = self.dispatcher.outage
+        if outage is not None:
+            found.append(Observed("api_unreachable", outage[1], since=outage[0]))
         paused = self.dispatcher.paused
         if paused is not None:
-            parts.append(f"PAUSED: {paused.get('code')}")
+            code = str(paused.get("code") or "paused")
+            since = paused.get("since")
+            since = float(since) if isinstance(since, int | float) else None
+            if code in LOCAL_PAUSES:
+                found.append(Observed(code, str(paused.get("detail") or ""), since=since))
+            else:
+                detail = f"{code}: {paused.get('detail')}" if paused.get("detail") else code
+                found.append(Observed("account_paused", detail, since=since))
         if self._degraded:
-            parts.append(f"watch degraded: {self._degraded}")
-        return " · ".join(parts)
+            found.append(Observed("watch_degraded", self._degraded))
+        return found
 
     # --- shutdown ------------------------------------------------------------------------
 
@@ -599,6 +616,9 @@ class Daemon:
             await asyncio.wait(self._tasks, timeout=2.0)
         if hasattr(self, "client"):
             await self.client.aclose()
+        if hasattr(self, "monitor"):
+            with contextlib.suppress(sqlite3.Error):
+                self.monitor.clear()
         if hasattr(self, "queue"):
             self.queue.close()
         if self._lock_fd is not None:

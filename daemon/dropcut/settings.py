@@ -6,6 +6,7 @@ Loading never touches the folders; :func:`startup_problems` checks them for ``ru
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -33,6 +34,8 @@ from dropcut.recipes import DEFAULT_OUTPUTS, Folders, Recipe
 from dropcut.settle import DEFAULT_IGNORE_DIRS, DEFAULT_IGNORE_PATTERNS
 
 CREDENTIAL_NAME = "dropcut-api-key"
+HTTP_TOKEN_CREDENTIAL = "dropcut-http-token"
+MIN_HTTP_TOKEN = 16
 """File name of the API key below ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``)."""
 
 Positive = Annotated[float, Field(gt=0)]
@@ -59,6 +62,8 @@ RESTART_KEYS = (
     "proxy_max_side",
     # the log renderer is chosen once
     "log_format",
+    # the listener is bound once (before the privileges it would need are gone)
+    "http_listen",
 )
 
 
@@ -191,6 +196,14 @@ class Settings(BaseSettings):
     on_success: Literal["archive", "delete", "keep"] = "archive"
     result_cache_bytes: Annotated[int, Field(ge=0)] = 1024**3
 
+    # what the admin sees: the conditions' reports, the status page and metrics
+    condition_report_seconds: Positive = 300.0  # a lasting condition is logged again this often
+    # "host:port" of the status page and /metrics; "" turns the HTTP side off. Any address
+    # but loopback needs http_token (or http_token_file, or the systemd credential).
+    http_listen: str = "127.0.0.1:9840"
+    http_token: SecretStr | None = None
+    http_token_file: Path | None = None
+
     # process
     shutdown_grace_seconds: Positive = 6.0
     log_format: Literal["console", "json", "journal"] | None = None
@@ -202,6 +215,14 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("http_listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            parse_listen(value)  # raises ValueError with the reason
+        return value
 
     @field_validator("inbox", "outbox", "quarantine", "archive", "state_dir")
     @classmethod
@@ -280,11 +301,53 @@ class Settings(BaseSettings):
                 return check_api_key(raw.decode("latin-1"), source)
         return None
 
+    def resolve_http_token(self, environ: Mapping[str, str] | None = None) -> SecretStr | None:
+        """The status page's token from ``http_token`` (TOML or ``DROPCUT_HTTP_TOKEN``), else
+        ``http_token_file``, else the systemd credential ``dropcut-http-token``; None when
+        none holds one. Surrounding whitespace is dropped.
+
+        Raises:
+            ConfigError: a token file exists but cannot be read, or the token has
+                characters other than visible ASCII, or is shorter than 16 characters.
+        """
+        env = os.environ if environ is None else environ
+        text = self.http_token.get_secret_value().strip(_ASCII_SPACE) if self.http_token else ""
+        source = "http_token"
+        if not text:
+            candidates: list[tuple[Path, str]] = []
+            if self.http_token_file is not None:
+                candidates.append((self.http_token_file, f"http_token_file {self.http_token_file}"))
+            if env.get("CREDENTIALS_DIRECTORY"):
+                path = Path(env["CREDENTIALS_DIRECTORY"]) / HTTP_TOKEN_CREDENTIAL
+                candidates.append((path, f"systemd credential {HTTP_TOKEN_CREDENTIAL}"))
+            for path, where in candidates:
+                try:
+                    text = path.read_bytes().decode("latin-1").strip(_ASCII_SPACE)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
+                if text:
+                    source = where
+                    break
+        if not text:
+            return None
+        if not all("!" <= ch <= "~" for ch in text):
+            raise ConfigError(f"the token from {source} may hold only visible ASCII characters")
+        if len(text) < MIN_HTTP_TOKEN:
+            raise ConfigError(f"the token from {source} is shorter than {MIN_HTTP_TOKEN} characters")
+        return SecretStr(text)
+
+    def http_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the HTTP side, or None when it is off (``http_listen = ""``)."""
+        return parse_listen(self.http_listen) if self.http_listen else None
+
     def redacted(self) -> dict[str, Any]:
-        """The effective configuration as plain data, with the key replaced."""
+        """The effective configuration as plain data, with the secrets replaced."""
         data = self.model_dump(mode="json")
-        if data.get("api_key"):
-            data["api_key"] = "**********"
+        for key in ("api_key", "http_token"):
+            if data.get(key):
+                data[key] = "**********"
         return data
 
     def rate_margin(self) -> float:
@@ -331,6 +394,33 @@ def _one_line(exc: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(parts)
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:9840"`` for IPv6) as ``(host, port)``; port 0 = any free
+    port. Raises ``ValueError`` naming what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r}: expected host:port, e.g. 127.0.0.1:9840")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{value!r}: the port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{value!r}: the port must be 0-65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` a loopback address (127.0.0.0/8, ::1) or ``localhost``?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def folder_problems(settings: Settings) -> list[str]:
     """Ways the folders overlap so that the daemon would feed on its own output."""
     inbox = Path(os.path.realpath(settings.inbox))
@@ -372,6 +462,19 @@ def startup_problems(settings: Settings) -> list[str]:
                 "no API key: set api_key, api_key_file, DROPCUT_API_KEY or the "
                 f"systemd credential {CREDENTIAL_NAME}"
             )
+    address = settings.http_address()
+    if address is not None:
+        try:
+            token = settings.resolve_http_token()
+        except ConfigError as exc:
+            problems.append(str(exc))
+        else:
+            if token is None and not is_loopback(address[0]):
+                problems.append(
+                    f"http_listen {settings.http_listen} is not a loopback address: set http_token, "
+                    f"http_token_file or the systemd credential {HTTP_TOKEN_CREDENTIAL} "
+                    '(or http_listen = "127.0.0.1:9840", or "" for no status page)'
+                )
     problems.extend(folder_problems(settings))
     for name in ("outbox", "quarantine", "archive", "state_dir"):
         problem = _unwritable(getattr(settings, name))

@@ -1,0 +1,117 @@
+"""The daemon's look at itself, once a second: which conditions hold (logged when they
+start, every ``condition_report_seconds`` while they last, and when they end; stored for
+``dropcut status`` and the status page), and the one-line summary the console's status
+line and systemd's ``STATUS=`` show.
+
+The decisions are :class:`dropcut.conditions.ConditionBoard`'s and the words
+:mod:`dropcut.overview`'s; this module only runs them on the daemon's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from dataclasses import replace
+
+import structlog
+
+from dropcut.conditions import Condition, ConditionBoard, Observed, Report
+from dropcut.overview import Overview, iso, read_overview, sentence, summary_line
+from dropcut.queue import JobQueue
+from dropcut.settings import Settings
+
+TICK_SECONDS = 1.0
+
+
+class Monitor:
+    """Runs on the event loop (it uses the daemon's queue connection).
+
+    ``observe``: the conditions that hold now, from the stages; ``in_flight``: the
+    dispatcher's count of requests on their way; ``clock``: wall seconds."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: JobQueue,
+        observe: Callable[[], list[Observed]],
+        in_flight: Callable[[], int],
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self._queue = queue
+        self._observe = observe
+        self._in_flight = in_flight
+        self._clock = clock
+        self._board = ConditionBoard(settings.condition_report_seconds)
+        self._stored: list[Condition] | None = None
+        self._rate_stored: dict[str, float] | None = None
+        self._log = structlog.get_logger()
+        self.overview: Overview | None = None
+        self.summary = ""
+
+    @property
+    def report_every(self) -> float:
+        """Seconds between two reports of a lasting condition (in force)."""
+        return self._board.report_every
+
+    def apply(self, settings: Settings) -> None:
+        self.settings = settings
+        self._board.report_every = settings.condition_report_seconds
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except sqlite3.Error as exc:  # one bad tick must not end the monitoring
+                self._log.warning("monitor_failed", detail=str(exc))
+            await asyncio.sleep(TICK_SECONDS)
+
+    def tick(self) -> list[Report]:
+        """Look once: update the board, log its reports, store the conditions when they
+        changed, and make the summary. Returns the reports. Raises ``sqlite3.Error``."""
+        now = self._clock()
+        s = self.settings
+        rate = {"limit": s.rate_limit_requests, "period": s.rate_limit_period_seconds}
+        if rate != self._rate_stored:  # what status readers show the use against
+            self._queue.set_meta("rate", rate)
+            self._rate_stored = rate
+        overview = read_overview(
+            self._queue, limit=s.rate_limit_requests, period=s.rate_limit_period_seconds, now=now
+        )
+        reports = self._board.update(self._observe(), now=now, waiting=overview.backlog)
+        for report in reports:
+            self._report(report, now)
+        current = self._board.current
+        if reports or _codes(current) != _codes(self._stored):
+            self._queue.set_meta("conditions", [c.to_json() for c in current] or None)
+            self._stored = current
+        self.overview = replace(overview, conditions=current)
+        self.summary = summary_line(self.overview, in_flight=self._in_flight())
+        return reports
+
+    def clear(self) -> None:
+        """At a clean stop: nothing holds while nobody looks (a pause is stored apart)."""
+        if self._stored:
+            self._queue.set_meta("conditions", None)
+            self._stored = []
+
+    def _report(self, report: Report, now: float) -> None:
+        c = report.condition
+        fields = {
+            "code": c.code,
+            "detail": c.detail,
+            "since": iso(c.since),
+            "lasted_s": round(report.lasted),
+            "waiting": c.waiting,
+            "message": sentence(c, now) if report.kind != "ended" else None,
+        }
+        if report.kind == "ended":
+            self._log.info(report.event, **{k: v for k, v in fields.items() if k != "message"})
+        else:
+            self._log.warning(report.event, **fields)
+
+
+def _codes(conditions: list[Condition] | None) -> list[tuple[str, str]]:
+    return [(c.code, c.detail) for c in conditions or []]

@@ -1,0 +1,37 @@
+"""What the pipeline tells whoever counts (the Prometheus metrics): a small interface the
+dispatcher and the admission call at the moments that are counted, so that counting lives
+in one module (:mod:`dropcut.metrics`) and not in the stages.
+
+A :class:`Recorder` must be quick and must not raise: it is called on the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from dropcut.queue import RequestRecord
+
+Outcome = Literal["published", "reused", "quarantined", "cancelled"]
+"""How a file left the pipeline: ``published`` (outputs from a request), ``reused``
+(outputs from the result cache, no request), ``quarantined`` (refused, at inspection or by
+the API), ``cancelled`` (deleted or replaced before it was done)."""
+
+OUTCOMES: tuple[Outcome, ...] = ("published", "reused", "quarantined", "cancelled")
+
+
+class Recorder(Protocol):
+    def request_finished(self, record: RequestRecord) -> None:
+        """One request to the API ended (answered or not)."""
+
+    def file_finished(self, outcome: Outcome) -> None:
+        """One file left the pipeline."""
+
+
+class NoRecorder:
+    """Counts nothing (the HTTP side is off, or in tests of the stages)."""
+
+    def request_finished(self, record: RequestRecord) -> None:
+        pass
+
+    def file_finished(self, outcome: Outcome) -> None:
+        pass
