@@ -44,13 +44,28 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML configuration file (default: $DROPCUT_CONFIG); DROPCUT_* variables override it",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run.add_argument(
+        "--take-terminal",
+        action="store_true",
+        help="started by another program in a terminal (`make run`): run in a process group of "
+        "its own that the terminal's Ctrl-C reaches alone, so that the program that started "
+        "dropcut sees its clean exit instead of dying of the SIGINT too",
+    )
     status = sub.add_parser("status", parents=[common], help="jobs per state, pause, last error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("check", parents=[common], help="validate and print the effective configuration")
     retry = sub.add_parser("retry", parents=[common], help="put quarantined files back in the queue")
     retry.add_argument("paths", nargs="*", type=Path, help="quarantined files (paths or inbox-relative)")
     retry.add_argument("--all", action="store_true", help="every quarantined file")
+    budget = sub.add_parser(
+        "budget", parents=[common], help="the spend guard: requests used against budget_per_day / _month"
+    )
+    budget.add_argument("action", nargs="?", choices=("show", "raise"), default="show")
+    budget.add_argument("requests", nargs="?", type=int, help="with raise: how many more requests to allow")
+    sub.add_parser(
+        "resume", parents=[common], help="lift the budget caps until the current day and month end"
+    )
     rerender = sub.add_parser(
         "rerender",
         parents=[common],
@@ -87,7 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "run":
         return _run(settings, args, dump_problems)
-    handler = {"status": _status, "check": _check, "retry": _retry, "rerender": _rerender}[args.command]
+    handler = {
+        "status": _status,
+        "check": _check,
+        "retry": _retry,
+        "rerender": _rerender,
+        "budget": _budget,
+        "resume": _resume,
+    }[args.command]
     return handler(settings, args)
 
 
@@ -118,11 +140,62 @@ def _run(settings: Settings, args: argparse.Namespace, dump_problems: Sequence[s
 
         structlog.get_logger().warning("core_dumps_not_disabled", problems=list(dump_problems))
     daemon = Daemon(settings, config_path=args.config, redactor=redactor)
+
+    # --take-terminal (`make run`). A Ctrl-C sends SIGINT to the terminal's whole foreground
+    # process group: to make (and its recipe's shell) as well as to dropcut. However cleanly
+    # dropcut stops, GNU make then waits for it and kills itself with the same signal (exit
+    # 130; "*** [run] Interrupt" when a shell between them died of it too). In a process
+    # group of its own that is the terminal's foreground group, dropcut alone gets the
+    # Ctrl-C, and make sees its exit 0. Taken only by a process in the foreground group that
+    # does not lead it (a shell with job control gave it its own already; `make run &` is
+    # not in the foreground), and given back at the end.
+    import signal
+
+    def hand_terminal(fd: int, group: int) -> None:
+        # a process outside the foreground group that sets it is sent SIGTTOU, which would
+        # stop it, unless the signal is blocked
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+        try:
+            os.tcsetpgrp(fd, group)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    tty, parent_group = None, os.getpgrp()
+    if getattr(args, "take_terminal", False) and parent_group != os.getpid():
+        try:
+            fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            fd = None  # no controlling terminal: no Ctrl-C to take
+        if fd is not None:
+            try:
+                if os.tcgetpgrp(fd) == parent_group:
+                    os.setpgid(0, 0)
+                    try:
+                        hand_terminal(fd, os.getpid())
+                    except OSError:
+                        os.setpgid(0, parent_group)  # not left in a group no Ctrl-C reaches
+                        raise
+                    tty = fd
+                    # Ctrl-Z would stop dropcut's group alone, which neither make nor the
+                    # shell waiting for make would notice or continue: a hung terminal
+                    signal.signal(signal.SIGTSTP, signal.SIG_IGN)
+            except OSError:
+                pass  # run as started: Ctrl-C reaches make too
+            finally:
+                if tty is None:
+                    os.close(fd)
     try:
         daemon.run()
     except (ConfigError, AlreadyRunning) as exc:
         print(f"dropcut: cannot start: {redactor.scrub_text(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
+    finally:
+        if tty is not None:
+            try:
+                hand_terminal(tty, parent_group)
+            except OSError:
+                pass  # the group that started dropcut is gone
+            os.close(tty)
     return daemon.exit_code
 
 
@@ -353,6 +426,81 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         queue.close()
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _budget(settings: Settings, args: argparse.Namespace) -> int:
+    """``dropcut budget [show]`` and ``dropcut budget raise N`` (N more requests in the
+    current day and month: a raise ends with its period)."""
+    from dropcut.budget import PERIODS, period_bounds, period_key
+    from dropcut.queue import JobQueue
+
+    if args.action == "raise" and (args.requests is None or args.requests < 1):
+        print("dropcut: budget raise needs a number of requests >= 1", file=sys.stderr)
+        return EXIT_CONFIG
+    db = settings.state_dir / "queue.sqlite3"
+    if not db.exists():
+        print(f"dropcut: no queue yet at {db}", file=sys.stderr)
+        return EXIT_FAILURE
+    tz, now = settings.budget_tz(), time.time()
+    queue = JobQueue.open(db)
+    try:
+        stored = _budget_record(queue, {period_key(now, tz, p) for p in PERIODS})
+        if args.action == "raise":
+            for period in PERIODS:
+                key = period_key(now, tz, period)
+                stored["raised"][key] = int(stored["raised"].get(key, 0)) + args.requests
+            queue.set_meta("budget", stored)
+            print(f"raised the caps of today and this month by {args.requests} requests")
+        for period in PERIODS:
+            cap = settings.budget_per_day if period == "day" else settings.budget_per_month
+            start, end = period_bounds(now, tz, period)
+            key = period_key(now, tz, period)
+            used = queue.requests_since(start)
+            if key in stored["lifted"]:
+                limit = "no cap (lifted by dropcut resume)"
+            elif cap is None:
+                limit = "no cap"
+            else:
+                extra = int(stored["raised"].get(key, 0))
+                limit = f"cap {cap + extra}" + (f" ({cap} + {extra} raised)" if extra else "")
+            resets = datetime.fromtimestamp(end, tz).isoformat(timespec="minutes")
+            print(f"this {period}: {used} requests, {limit}; resets {resets}")
+    finally:
+        queue.close()
+    return EXIT_OK
+
+
+def _resume(settings: Settings, args: argparse.Namespace) -> int:
+    """``dropcut resume``: the budget caps are off until the current day and month end."""
+    from dropcut.budget import PERIODS, period_key
+    from dropcut.queue import JobQueue
+
+    db = settings.state_dir / "queue.sqlite3"
+    if not db.exists():
+        print(f"dropcut: no queue yet at {db}", file=sys.stderr)
+        return EXIT_FAILURE
+    now, tz = time.time(), settings.budget_tz()
+    keys = [period_key(now, tz, p) for p in PERIODS]
+    queue = JobQueue.open(db)
+    try:
+        stored = _budget_record(queue, set(keys))
+        stored["lifted"] = sorted(set(stored["lifted"]) | set(keys))
+        queue.set_meta("budget", stored)
+    finally:
+        queue.close()
+    print(f"budget caps lifted until the end of {' and '.join(k.split(':', 1)[1] for k in keys)}")
+    return EXIT_OK
+
+
+def _budget_record(queue: JobQueue, current: set[str]) -> dict[str, Any]:
+    """The stored raises and lifts (``meta`` ``budget``) of the ``current`` periods (see
+    :func:`dropcut.budget.period_key`): those of past periods are dropped."""
+    stored = queue.get_meta("budget")
+    stored = stored if isinstance(stored, dict) else {}
+    raised = stored.get("raised")
+    raised = {k: int(v) for k, v in raised.items() if k in current} if isinstance(raised, dict) else {}
+    lifted = [k for k in stored.get("lifted") or [] if isinstance(k, str) and k in current]
+    return {"raised": raised, "lifted": lifted}
 
 
 def _rerender(settings: Settings, args: argparse.Namespace) -> int:

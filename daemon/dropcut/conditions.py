@@ -18,7 +18,9 @@ Codes (:data:`CODES`) and what sets them:
 * ``disk_full`` — the state or outbox file system is short of space;
 * ``outbox_unwritable`` — the outbox (or its staging folder) refuses writes;
 * ``watch_degraded`` — the inbox is gone, not responding (an unmounted or hung share) or
-  its watch died: new files are not seen until it is back.
+  its watch died: new files are not seen until it is back;
+* ``budget_reached`` — ``budget_per_day`` or ``budget_per_month`` is spent: the queue waits
+  for the next day or month (or ``dropcut budget raise N`` / ``dropcut resume``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-CODES = ("api_unreachable", "account_paused", "disk_full", "outbox_unwritable", "watch_degraded")
+CODES = (
+    "api_unreachable",
+    "account_paused",
+    "disk_full",
+    "outbox_unwritable",
+    "watch_degraded",
+    "budget_reached",
+)
 DEFAULT_REPORT_SECONDS = 300.0
 
 

@@ -26,6 +26,7 @@ import structlog
 from PIL import Image
 from structlog.typing import FilteringBoundLogger as BoundLogger
 
+from dropcut.budget import PERIODS, Caps, Verdict, period_bounds, verdict
 from dropcut.cache import ResultCache
 from dropcut.client import ALPHA_PATH, REMOVE_PATH, WithoutBG
 from dropcut.decode import DecodeError
@@ -42,6 +43,7 @@ from dropcut.watch import inbox_problem
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_CHECK_SECONDS = 2.0  # how often a local pause (disk full, outbox unwritable) is re-checked
+BUDGET_RECHECK_SECONDS = 1.0  # how soon `dropcut budget raise` / `dropcut resume` take effect
 LOCAL_PAUSES = ("disk_full", "outbox_unwritable")  # resumed by looking at our folders, not the account
 SERVICE_WIDE = ("rate_limited", "server_error", "connection_error", "timeout")
 SOURCE_CHECK_SECONDS = 10.0  # a stat of the inbox taking longer: the inbox is unavailable
@@ -147,6 +149,7 @@ class Dispatcher:
         self._move_failures: dict[int, str] = {}  # job id -> why its input could not be moved
         self._outage_streak = 0  # steps of the current outage (429, 5xx, network; see outage_step)
         self._outage: tuple[float, str] | None = None  # (since, the last failure in words)
+        self.budget_reached: Verdict | None = None  # the cap that holds the queue, if one does
         self._outage_step_at = float("-inf")
         self._low_credit = False
         self._log = structlog.get_logger()
@@ -214,6 +217,10 @@ class Dispatcher:
             if self.paused is not None or now < self._hold_until or self.in_flight >= limit:
                 await self._sleep(max(0.0, self._hold_until - now) if now < self._hold_until else None)
                 continue
+            if self._over_budget(now):
+                resets = self.budget_reached.resets_at if self.budget_reached else None
+                await self._sleep(min(BUDGET_RECHECK_SECONDS, max(0.0, (resets or now) - now)))
+                continue
             job = self._queue.claim()
             if job is None:
                 due = self._queue.next_due()
@@ -222,6 +229,39 @@ class Dispatcher:
             task = asyncio.create_task(self._process(job), name=f"job-{job.id}")
             self._tasks.add(task)
             task.add_done_callback(self._done)
+
+    def _over_budget(self, now: float) -> bool:
+        """Is a budget cap reached (:mod:`dropcut.budget`)? Counts the requests of the
+        current day and month in the request log, plus the jobs on their way (each may
+        send one), so the cap holds with several in flight. Logs ``budget_reached`` and
+        ``budget_available`` when the answer changes."""
+        s = self.settings
+        caps = Caps(s.budget_per_day, s.budget_per_month)
+        found = Verdict(False)
+        if caps != Caps():
+            tz = s.budget_tz()
+            stored = self._queue.get_meta("budget")
+            stored = stored if isinstance(stored, dict) else {}
+            raised = stored.get("raised") if isinstance(stored.get("raised"), dict) else {}
+            lifted = frozenset(str(k) for k in stored.get("lifted") or [] if isinstance(k, str))
+            used = {
+                p: self._queue.requests_since(period_bounds(now, tz, p)[0]) + len(self._tasks)
+                for p in PERIODS
+                if caps.cap(p) is not None
+            }
+            found = verdict(caps, used, now=now, tz=tz, raised=raised, lifted=lifted)
+        was, self.budget_reached = self.budget_reached, found if found.reached else None
+        if found.reached and was is None:
+            self._log.warning(
+                "budget_reached",
+                period=found.period,
+                budget=found.cap,
+                used=found.used,
+                resets_at=datetime.fromtimestamp(found.resets_at or now, UTC).isoformat(timespec="seconds"),
+            )
+        elif was is not None and not found.reached:
+            self._log.info("budget_available", period=was.period)
+        return found.reached
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

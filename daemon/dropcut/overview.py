@@ -140,6 +140,7 @@ _SENTENCES = {
     "disk_full": "the disk is full; the queue is paused",
     "outbox_unwritable": "the outbox cannot be written; the queue is paused",
     "watch_degraded": "the inbox is not watched; new files are not seen",
+    "budget_reached": "the request budget is spent; the queue waits",
 }
 
 

@@ -6,12 +6,15 @@ Loading never touches the folders; :func:`startup_problems` checks them for ``ru
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
 import sys
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -196,6 +199,11 @@ class Settings(BaseSettings):
     on_success: Literal["archive", "delete", "keep"] = "archive"
     result_cache_bytes: Annotated[int, Field(ge=0)] = 1024**3
 
+    # the spend guard (dropcut.budget): requests per calendar day / month, None = no cap
+    budget_per_day: PositiveInt | None = None
+    budget_per_month: PositiveInt | None = None
+    budget_timezone: str | None = None  # an IANA name ("Europe/Berlin"); None = the machine's
+
     # what the admin sees: the conditions' reports, the status page and metrics
     condition_report_seconds: Positive = 300.0  # a lasting condition is logged again this often
     # "host:port" of the status page and /metrics; "" turns the HTTP side off. Any address
@@ -215,6 +223,16 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _time_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not a time zone name (e.g. Europe/Berlin)") from None
+        return value
 
     @field_validator("http_listen")
     @classmethod
@@ -338,6 +356,13 @@ class Settings(BaseSettings):
             raise ConfigError(f"the token from {source} is shorter than {MIN_HTTP_TOKEN} characters")
         return SecretStr(text)
 
+    def budget_tz(self) -> tzinfo:
+        """The time zone whose days and months the budgets count (the machine's local
+        one unless ``budget_timezone`` names one)."""
+        if self.budget_timezone is not None:
+            return zoneinfo.ZoneInfo(self.budget_timezone)
+        return local_time_zone()
+
     def http_address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the HTTP side, or None when it is off (``http_listen = ""``)."""
         return parse_listen(self.http_listen) if self.http_listen else None
@@ -392,6 +417,20 @@ def _one_line(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "config"
         parts.append(f"{where}: {err['msg']}")
     return "invalid configuration: " + "; ".join(parts)
+
+
+def local_time_zone() -> tzinfo:
+    """The machine's time zone with its daylight saving rules: ``$TZ`` if it names one,
+    else ``/etc/localtime``, else the current UTC offset (fixed)."""
+    name = os.environ.get("TZ", "").removeprefix(":")
+    if name:
+        with contextlib.suppress(zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            return zoneinfo.ZoneInfo(name)
+    with contextlib.suppress(OSError, ValueError), open("/etc/localtime", "rb") as fh:
+        return zoneinfo.ZoneInfo.from_file(fh, key="localtime")
+    local = datetime.now().astimezone().tzinfo
+    assert local is not None
+    return local
 
 
 def parse_listen(value: str) -> tuple[str, int]:
