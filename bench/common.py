@@ -164,6 +164,10 @@ def daemon_env(dirs: Dirs, api_url: str, **overrides: Any) -> dict[str, str]:
         "rate_limit_period_seconds": PERIOD,
         "debounce_seconds": DEBOUNCE,
         "log_format": "json",
+        # a backlog benchmark drops thousands of files at once: no large-batch hold; and no
+        # status page on a fixed port
+        "hold_batches_over": 0,
+        "http_listen": "",
     }
     values.update(overrides)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DROPCUT_")}

@@ -28,7 +28,7 @@ from dropcut.capture import Note
 from dropcut.observe import NoRecorder, Recorder
 from dropcut.paths import HELD_PREFIX, output_key
 from dropcut.publish import Publisher
-from dropcut.queue import JobQueue, NewJob, Signature
+from dropcut.queue import HoldRule, JobQueue, NewJob, Signature
 from dropcut.recipes import OutputSpec, folder_recipes, output_name_sets, recipe_for, recipe_json
 from dropcut.settings import Settings
 from dropcut.settle import (
@@ -395,6 +395,7 @@ class Admission:
                 jobs,
                 requeue_done=self.settings.on_success != "keep",
                 outputs=(lambda rel: output_name_sets(rel, recipes[rel][0]), output_key),
+                hold=HoldRule(self.settings.hold_batches_over, self.settings.batch_window_seconds),
             )
         except Exception:
             for job in jobs:
@@ -404,6 +405,8 @@ class Admission:
             if what in ("queued", "requeued"):
                 again = what == "requeued"
                 self._log.info("job_queued", file=new.rel_path, sha256=new.sha256, size=new.size, again=again)
+            elif what == "held":  # (the headline is the condition batch_held)
+                self._log.info("job_held", file=new.rel_path, sha256=new.sha256, size=new.size)
             else:
                 self._log.info("job_duplicate", file=new.rel_path, sha256=new.sha256, state=what)
         self._on_queued()

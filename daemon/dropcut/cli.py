@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "resume", parents=[common], help="lift the budget caps until the current day and month end"
     )
+    for name, what in (("approve", "send"), ("discard", "never send (they stay in the inbox)")):
+        held = sub.add_parser(name, parents=[common], help=f"held files of a large batch: {what}")
+        held.add_argument(
+            "folder", nargs="?", default=None, help="an inbox folder (default: every held file)"
+        )
     rerender = sub.add_parser(
         "rerender",
         parents=[common],
@@ -109,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rerender": _rerender,
         "budget": _budget,
         "resume": _resume,
+        "approve": _release_held,
+        "discard": _release_held,
     }[args.command]
     return handler(settings, args)
 
@@ -177,7 +184,8 @@ def _run(settings: Settings, args: argparse.Namespace, dump_problems: Sequence[s
                         raise
                     tty = fd
                     # Ctrl-Z would stop dropcut's group alone, which neither make nor the
-                    # shell waiting for make would notice or continue: a hung terminal
+                    # shell waiting for make would notice or continue: a hung terminal.
+                    # (The inspection workers, started later, inherit the ignored signal.)
                     signal.signal(signal.SIGTSTP, signal.SIG_IGN)
             except OSError:
                 pass  # run as started: Ctrl-C reaches make too
@@ -489,6 +497,36 @@ def _resume(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         queue.close()
     print(f"budget caps lifted until the end of {' and '.join(k.split(':', 1)[1] for k in keys)}")
+    return EXIT_OK
+
+
+def _release_held(settings: Settings, args: argparse.Namespace) -> int:
+    """``dropcut approve [FOLDER]`` / ``dropcut discard [FOLDER]``: held files are queued,
+    or remembered as not to be sent (nothing is moved or deleted)."""
+    from dropcut.queue import JobQueue
+
+    db = settings.state_dir / "queue.sqlite3"
+    if not db.exists():
+        print(f"dropcut: no queue yet at {db}", file=sys.stderr)
+        return EXIT_FAILURE
+    folder = _relative(settings, Path(args.folder), settings.inbox).strip("/") if args.folder else None
+    if folder == ".":
+        folder = None
+    queue = JobQueue.open(db)
+    try:
+        held = queue.held_folders()
+        n = queue.release_held(folder, to="queued" if args.command == "approve" else "discarded")
+    finally:
+        queue.close()
+    where = f"in {folder}/" if folder else "held"
+    if n == 0:
+        listed = ", ".join(f"{f or '(inbox top)'}: {c}" for f, c in held) or "none"
+        print(f"dropcut: no held files {where} (held now: {listed})", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.command == "approve":
+        print(f"approved {n} held files {where}: they are queued and will be sent")
+    else:
+        print(f"discarded {n} held files {where}: they stay in the inbox and will not be sent")
     return EXIT_OK
 
 

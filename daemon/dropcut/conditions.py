@@ -20,7 +20,9 @@ Codes (:data:`CODES`) and what sets them:
 * ``watch_degraded`` — the inbox is gone, not responding (an unmounted or hung share) or
   its watch died: new files are not seen until it is back;
 * ``budget_reached`` — ``budget_per_day`` or ``budget_per_month`` is spent: the queue waits
-  for the next day or month (or ``dropcut budget raise N`` / ``dropcut resume``).
+  for the next day or month (or ``dropcut budget raise N`` / ``dropcut resume``);
+* ``batch_held`` — more than ``hold_batches_over`` files came within
+  ``batch_window_seconds``: the newcomers wait for ``dropcut approve`` or ``dropcut discard``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CODES = (
     "outbox_unwritable",
     "watch_degraded",
     "budget_reached",
+    "batch_held",
 )
 DEFAULT_REPORT_SECONDS = 300.0
 

@@ -17,7 +17,14 @@ from dataclasses import replace
 import structlog
 
 from dropcut.conditions import Condition, ConditionBoard, Observed, Report
-from dropcut.overview import Overview, iso, read_overview, sentence, summary_line
+from dropcut.overview import (
+    Overview,
+    human_duration,
+    iso,
+    read_overview,
+    sentence,
+    summary_line,
+)
 from dropcut.queue import JobQueue
 from dropcut.settings import Settings
 
@@ -38,8 +45,11 @@ class Monitor:
         observe: Callable[[], list[Observed]],
         in_flight: Callable[[], int],
         clock: Callable[[], float],
+        more_work: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
+        self._more_work = more_work
+        self._queued = 0
         self._queue = queue
         self._observe = observe
         self._in_flight = in_flight
@@ -80,6 +90,9 @@ class Monitor:
         overview = read_overview(
             self._queue, limit=s.rate_limit_requests, period=s.rate_limit_period_seconds, now=now
         )
+        if overview.jobs.get("queued", 0) > self._queued:  # e.g. `dropcut approve` / `retry`
+            self._more_work()
+        self._queued = overview.jobs.get("queued", 0)
         reports = self._board.update(self._observe(), now=now, waiting=overview.backlog)
         for report in reports:
             self._report(report, now)
@@ -111,6 +124,23 @@ class Monitor:
             self._log.info(report.event, **{k: v for k, v in fields.items() if k != "message"})
         else:
             self._log.warning(report.event, **fields)
+
+
+def held_detail(held: list[tuple[str, int]], settings: Settings) -> str:
+    """The ``batch_held`` condition's detail: how many files, in which folders, what they
+    would cost in credits and in time at the allowance, and the commands that decide,
+    e.g. ``50 files in shoot/ (50 credits, about 7 min 08 s at the allowance): dropcut
+    approve shoot, or dropcut discard shoot``."""
+    total = sum(n for _, n in held)
+    where = ", ".join(f"{n} in {folder + '/' if folder else 'the inbox top'}" for folder, n in held[:3])
+    if len(held) > 3:
+        where += f" and {len(held) - 3} more folders"
+    minutes = human_duration(total * settings.rate_limit_period_seconds / settings.rate_limit_requests)
+    target = held[0][0] if len(held) == 1 and held[0][0] else ""
+    return (
+        f"{total} file{'s' if total != 1 else ''} ({where}; {total} credits, about {minutes} at the "
+        f"allowance): dropcut approve {target or '[FOLDER]'}, or dropcut discard {target or '[FOLDER]'}"
+    )
 
 
 def _codes(conditions: list[Condition] | None) -> list[tuple[str, str]]:

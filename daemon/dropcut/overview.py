@@ -141,6 +141,7 @@ _SENTENCES = {
     "outbox_unwritable": "the outbox cannot be written; the queue is paused",
     "watch_degraded": "the inbox is not watched; new files are not seen",
     "budget_reached": "the request budget is spent; the queue waits",
+    "batch_held": "a large batch is held",
 }
 
 

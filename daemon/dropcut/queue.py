@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     held_as TEXT,
     frames INTEGER NOT NULL DEFAULT 1,
     recipe TEXT,
-    archived_as TEXT
+    archived_as TEXT,
+    admitted_at REAL NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_path_sha ON jobs (rel_path, sha256);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
@@ -91,7 +92,17 @@ REQUEST_HISTORY_SECONDS = 40 * 86400.0
 
 ACTIVE_STATES = ("queued", "inflight", "published")
 SIGNATURE_CHUNK = 500  # paths per query in known_signatures (SQLite allows 999 parameters)
-STATES = ("queued", "inflight", "published", "done", "quarantining", "quarantined", "cancelled")
+STATES = (
+    "queued",
+    "inflight",
+    "published",
+    "done",
+    "quarantining",
+    "quarantined",
+    "cancelled",
+    "held",  # part of a large batch: waits for `dropcut approve` (or `discard`)
+    "discarded",  # a held file the admin does not want sent: remembered, left in the inbox
+)
 # Jobs whose file is not in the inbox under its signature any more: a file seen again with
 # such a job's signature was put back (quarantine) or is new (cancelled), and is read again.
 GONE_STATES = ("quarantined", "cancelled")
@@ -145,6 +156,16 @@ class Job:
 # recipe), and the key two names collide on (from dropcut.recipes and dropcut.paths; passed
 # in, so the queue knows no naming rules).
 OutputRule = tuple[Callable[[str], Iterable[Sequence[str]]], Callable[[str], str]]
+
+
+@dataclass(frozen=True)
+class HoldRule:
+    """The large-batch hold: once ``threshold`` files were admitted within ``window``
+    seconds (since the last ``dropcut approve``), the next ones are queued ``held``.
+    ``threshold`` 0 = no hold."""
+
+    threshold: int
+    window: float
 
 
 @dataclass(frozen=True)
@@ -214,6 +235,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         ("frames", "INTEGER NOT NULL DEFAULT 1"),
         ("recipe", "TEXT"),
         ("archived_as", "TEXT"),
+        ("admitted_at", "REAL NOT NULL DEFAULT 0"),
     ):
         if column not in _columns(conn, "jobs"):
             with contextlib.suppress(sqlite3.OperationalError):  # added by another process meanwhile
@@ -332,11 +354,17 @@ class JobQueue:
         return {f: (found[f][1] if f in found else None) for f in files}
 
     def enqueue_many(
-        self, jobs: Iterable[NewJob], *, requeue_done: bool, outputs: OutputRule | None = None
+        self,
+        jobs: Iterable[NewJob],
+        *,
+        requeue_done: bool,
+        outputs: OutputRule | None = None,
+        hold: HoldRule | None = None,
     ) -> list[tuple[NewJob, str]]:
         """Add admitted files; returns each with what happened: ``queued``, ``requeued``
-        (the same content at the same path was known and is to be done again), or the
-        state of the existing job (``queued``/``inflight``… — a duplicate, nothing added).
+        (the same content at the same path was known and is to be done again), ``held``
+        (queued, but beyond ``hold``'s threshold: see :class:`HoldRule`), or the state of
+        the existing job (``queued``/``inflight``… — a duplicate, nothing added).
 
         A known job is done again when its content comes back to its path after it was
         quarantined or cancelled (put back: tried again, whatever ``on_success``), after it
@@ -359,14 +387,24 @@ class JobQueue:
             seq = _next_seq(db)
             existing = self._jobs_at(db, [job.rel_path for job in todo])
             newest = self._newest_at(db, [job.rel_path for job in todo])
+            recent = self._admitted_since(db, now, hold) if hold is not None and hold.threshold else None
+
+            def admitted() -> str:
+                nonlocal recent
+                if recent is None or hold is None:
+                    return "queued"
+                recent += 1
+                return "held" if recent > hold.threshold else "queued"
+
             for job in todo:
                 key = (job.rel_path, job.sha256)
                 row = existing.get(key)
                 if row is None:
+                    state = admitted()
                     cur = db.execute(
                         "INSERT INTO jobs (rel_path, sha256, size, mtime_ns, ctime_ns, inode, device, "
-                        "format, state, first_seen, updated_at, seq, frames, recipe) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "format, state, first_seen, updated_at, seq, frames, recipe, admitted_at) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (
                             job.rel_path,
                             job.sha256,
@@ -376,18 +414,19 @@ class JobQueue:
                             job.inode,
                             job.device,
                             job.format,
-                            "queued",
+                            state,
                             job.first_seen,
                             now,
                             seq,
                             job.frames,
                             job.recipe,
+                            now,
                         ),
                     )
-                    existing[key] = (int(cur.lastrowid or 0), "queued")
+                    existing[key] = (int(cur.lastrowid or 0), state)
                     newest[job.rel_path] = seq
                     seq += 1
-                    results.append((job, "queued"))
+                    results.append((job, state))
                     if outputs is not None:
                         self._claim_in(db, job.rel_path, *outputs)
                     continue
@@ -411,21 +450,68 @@ class JobQueue:
                 if again:
                     # Admitted anew: it is now the latest drop at its path (newer than any
                     # job another content got there meanwhile), so it takes a fresh seq.
+                    state = admitted()
                     db.execute(
-                        "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=0, "
+                        "UPDATE jobs SET state=?, attempts=0, next_attempt_at=0, "
                         "first_seen=?, updated_at=?, error=NULL, history='[]', held_as=NULL, seq=?, "
-                        "recipe=? WHERE id=?",
-                        (job.first_seen, now, seq, job.recipe, job_id),
+                        "recipe=?, admitted_at=? WHERE id=?",
+                        (state, job.first_seen, now, seq, job.recipe, now, job_id),
                     )
                     newest[job.rel_path] = seq
                     seq += 1
-                    existing[key] = (job_id, "queued")
-                    results.append((job, "requeued"))
+                    existing[key] = (job_id, state)
+                    results.append((job, "requeued" if state == "queued" else state))
                     if outputs is not None:  # (a row refused locally never claimed one)
                         self._claim_in(db, job.rel_path, *outputs)
                 else:
                     results.append((job, state))
         return results
+
+    @staticmethod
+    def _admitted_since(db: sqlite3.Connection, now: float, hold: HoldRule) -> int:
+        """Files admitted (queued or held) in the hold's window, and since the held ones
+        were last approved or discarded (``meta`` ``batch_decided_at``)."""
+        row = db.execute("SELECT value FROM meta WHERE key='batch_decided_at'").fetchone()
+        since = max(now - hold.window, float(json.loads(row[0])) if row is not None else 0.0)
+        found = db.execute("SELECT COUNT(*) FROM jobs WHERE admitted_at > ?", (since,)).fetchone()
+        return int(found[0])
+
+    # --- the large-batch hold ----------------------------------------------------------
+
+    def held_folders(self) -> list[tuple[str, int]]:
+        """``(folder, count)`` of the held jobs, by top-level inbox folder (``""``: files
+        at the inbox's top), largest first."""
+        rows = self._conn.execute(
+            "SELECT CASE WHEN instr(rel_path, '/') > 0 THEN substr(rel_path, 1, instr(rel_path, '/') - 1) "
+            "ELSE '' END AS folder, COUNT(*) FROM jobs WHERE state='held' GROUP BY folder "
+            "ORDER BY COUNT(*) DESC, folder"
+        ).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def release_held(self, folder: str | None, *, to: str) -> int:
+        """Held jobs under inbox ``folder`` (None: all) become ``to`` (``queued``:
+        approved; ``discarded``: never sent, remembered). Either decision starts a new
+        batch window (the admin has seen the batch). Returns how many. Raises
+        ``ValueError`` for another ``to``."""
+        if to not in ("queued", "discarded"):
+            raise ValueError(f"release held jobs to {to!r}: expected queued or discarded")
+        now = self._clock()
+        where, args = "state='held'", []
+        if folder:
+            prefix = folder.strip("/")
+            where += " AND (rel_path = ? OR substr(rel_path, 1, ?) = ?)"
+            args = [prefix, len(prefix) + 1, prefix + "/"]
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET state=?, next_attempt_at=0, updated_at=? WHERE {where}", (to, now, *args)
+            )
+            if cur.rowcount:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('batch_decided_at', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                    (json.dumps(now),),
+                )
+        return int(cur.rowcount)
 
     @staticmethod
     def _newest_at(db: sqlite3.Connection, rel_paths: Sequence[str]) -> dict[str, int]:
@@ -644,7 +730,7 @@ class JobQueue:
 
     def sha_still_needed(self, sha256: str) -> bool:
         row = self._conn.execute(
-            "SELECT 1 FROM jobs WHERE sha256=? AND state IN ('queued','inflight') LIMIT 1",
+            "SELECT 1 FROM jobs WHERE sha256=? AND state IN ('queued','inflight','held') LIMIT 1",
             (sha256,),
         ).fetchone()
         return row is not None

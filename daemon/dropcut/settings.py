@@ -203,6 +203,10 @@ class Settings(BaseSettings):
     budget_per_day: PositiveInt | None = None
     budget_per_month: PositiveInt | None = None
     budget_timezone: str | None = None  # an IANA name ("Europe/Berlin"); None = the machine's
+    # the large-batch hold: beyond this many files admitted within batch_window_seconds,
+    # newcomers wait for `dropcut approve` (0 = off)
+    hold_batches_over: Annotated[int, Field(ge=0)] = 200
+    batch_window_seconds: Positive = 600.0
 
     # what the admin sees: the conditions' reports, the status page and metrics
     condition_report_seconds: Positive = 300.0  # a lasting condition is logged again this often
