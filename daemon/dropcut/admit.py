@@ -23,9 +23,9 @@ from pathlib import Path
 import structlog
 
 from dropcut import inspect as insp
-from dropcut import worker
+from dropcut import notify, worker
 from dropcut.capture import Note
-from dropcut.observe import NoRecorder, Recorder
+from dropcut.observe import Alerts, NoAlerts, NoRecorder, Recorder
 from dropcut.paths import HELD_PREFIX, output_key
 from dropcut.publish import Publisher
 from dropcut.queue import HoldRule, JobQueue, NewJob, Signature
@@ -87,9 +87,11 @@ class Admission:
         on_held: Callable[[str], None] = lambda rel_path: None,
         clock: Callable[[], float] = time.time,
         recorder: Recorder | None = None,
+        alerts: Alerts | None = None,
     ) -> None:
         self.settings = settings
         self._recorder: Recorder = recorder or NoRecorder()
+        self._alerts: Alerts = alerts or NoAlerts()
         self._queue = queue
         self._publisher = publisher
         self._spool_dir = spool_dir
@@ -543,6 +545,11 @@ class Admission:
             return
         self._queue.add_quarantined(job, {**error, "quarantined_as": placed})
         self._recorder.file_finished("quarantined")
+        self._alerts.emit(
+            notify.file_quarantined(
+                rel, refused.code, refused.detail, status=refused.status, now=self._clock()
+            )
+        )
         self._log.warning(
             "file_quarantined",
             file=rel,

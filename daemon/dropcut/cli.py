@@ -127,12 +127,13 @@ def _run(settings: Settings, args: argparse.Namespace, dump_problems: Sequence[s
     if problems:
         print(f"dropcut: cannot start: {'; '.join(problems)}", file=sys.stderr)
         return EXIT_CONFIG
-    from dropcut.logs import configure
+    from dropcut.logs import setup
     from dropcut.service import AlreadyRunning, Daemon
     from dropcut.systemd import JournalUnavailableError
 
     try:
-        redactor = configure(settings.log_format or "json", settings.log_level)
+        logs = setup(settings.log_format or "json", settings.log_level)
+        redactor = logs.redactor
     except JournalUnavailableError as exc:
         print(f"dropcut: cannot start: log_format=journal: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -146,7 +147,7 @@ def _run(settings: Settings, args: argparse.Namespace, dump_problems: Sequence[s
         import structlog
 
         structlog.get_logger().warning("core_dumps_not_disabled", problems=list(dump_problems))
-    daemon = Daemon(settings, config_path=args.config, redactor=redactor)
+    daemon = Daemon(settings, config_path=args.config, redactor=redactor, console=logs.console)
 
     # --take-terminal (`make run`). A Ctrl-C sends SIGINT to the terminal's whole foreground
     # process group: to make (and its recipe's shell) as well as to dropcut. However cleanly

@@ -28,7 +28,7 @@ Codes (:data:`CODES`) and what sets them:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 CODES = (
@@ -52,6 +52,7 @@ class Observed:
     code: str
     detail: str
     since: float | None = None
+    facts: Mapping[str, Any] | None = field(default=None, compare=False)  # for the notifications
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,13 @@ import structlog
 from PIL import Image
 from structlog.typing import FilteringBoundLogger as BoundLogger
 
+from dropcut import notify
 from dropcut.budget import PERIODS, Caps, Verdict, period_bounds, verdict
 from dropcut.cache import ResultCache
 from dropcut.client import ALPHA_PATH, REMOVE_PATH, WithoutBG
 from dropcut.decode import DecodeError
 from dropcut.judge import Code, Outcome, Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
-from dropcut.observe import NoRecorder, Recorder
+from dropcut.observe import Alerts, NoAlerts, NoRecorder, Recorder
 from dropcut.pace import Pacer
 from dropcut.paths import Layout, output_key, result_key
 from dropcut.produce import Producer
@@ -126,9 +127,11 @@ class Dispatcher:
         notice: Callable[[str], None] | None = None,
         producer: Producer | None = None,
         recorder: Recorder | None = None,
+        alerts: Alerts | None = None,
     ) -> None:
         self.settings = settings
         self._recorder: Recorder = recorder or NoRecorder()
+        self._alerts: Alerts = alerts or NoAlerts()
         self._layout = layout
         self._queue = queue
         self._client = client
@@ -829,6 +832,11 @@ class Dispatcher:
             self._move_failed(job, exc, "quarantine_failed")
             return
         self._recorder.file_finished("quarantined")
+        self._alerts.emit(
+            notify.file_quarantined(
+                job.rel_path, decision.code, decision.detail, status=decision.status, now=self._clock()
+            )
+        )
         log.warning(
             "file_quarantined",
             status=decision.status,
@@ -949,6 +957,8 @@ class Dispatcher:
         low = (credit.credit or 0) < self.settings.credit_warn_below
         if low and not self._low_credit:
             self._log.warning("credit_low", credit=credit.credit, warn_below=self.settings.credit_warn_below)
+            warn_below = self.settings.credit_warn_below
+            self._alerts.emit(notify.credit_low(credit.credit, warn_below, now=self._clock()))
         self._low_credit = low
         paused = self.paused
         account_pause = paused is not None and paused.get("code") not in LOCAL_PAUSES

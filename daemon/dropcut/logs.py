@@ -10,6 +10,11 @@ events.) The redactor removes secrets (the API key) from every value, and again 
 rendered line as the very last step of every format (json, console, journal), so that a
 traceback the console renderer formats itself, or a value a renderer escapes, cannot carry
 the key out either.
+
+``log_format=console`` renders with :mod:`dropcut.console` (one short line an event) and
+writes through one :class:`~dropcut.console.ConsoleOutput`, which :func:`setup` returns so
+that the daemon can draw a :class:`~dropcut.console.StatusLine` below the lines; json and
+journal have none.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import sys
 import threading
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from dropcut.console import ConsoleOutput, ConsoleRenderer
 
 REDACTED = "[redacted]"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -172,6 +180,17 @@ def _add_logger_name(logger: WrappedLogger, method: str, event_dict: EventDict) 
     return event_dict
 
 
+@dataclass(frozen=True)
+class LogSetup:
+    """What :func:`setup` configured."""
+
+    redactor: Redactor
+    """Give it the API key (again after a reload)."""
+    console: ConsoleOutput | None
+    """``log_format="console"``: the output every line goes through, for a
+    :class:`dropcut.console.StatusLine`. None for json and journal: no status line."""
+
+
 def configure(
     log_format: str,
     level: str = "info",
@@ -179,16 +198,37 @@ def configure(
     stream: TextIO | None = None,
     redactor: Redactor | None = None,
 ) -> Redactor:
-    """Configure structlog, stdlib logging, warnings and the hooks for uncaught exceptions
-    (``sys.excepthook``, ``threading.excepthook``, ``sys.unraisablehook``). Returns the
-    redactor (the daemon gives it the API key, again after a reload).
+    """:func:`setup`, returning only the redactor (the daemon gives it the API key, again
+    after a reload).
 
     Raises:
         dropcut.systemd.JournalUnavailableError: ``log_format="journal"`` without
             systemd-python.
     """
+    return setup(log_format, level, stream=stream, redactor=redactor).redactor
+
+
+def setup(
+    log_format: str,
+    level: str = "info",
+    *,
+    stream: TextIO | None = None,
+    redactor: Redactor | None = None,
+) -> LogSetup:
+    """Configure structlog, stdlib logging, warnings and the hooks for uncaught exceptions
+    (``sys.excepthook``, ``threading.excepthook``, ``sys.unraisablehook``) to write
+    ``log_format`` (``"json"``, ``"journal"``, anything else: ``"console"``) at ``level``
+    and above to ``stream`` (default: ``sys.stderr``). Returns the redactor and, for the
+    console format, its :class:`~dropcut.console.ConsoleOutput` (see :class:`LogSetup`).
+
+    Raises:
+        dropcut.systemd.JournalUnavailableError: ``log_format="journal"`` without
+            systemd-python.
+        KeyError: ``level`` is not one of :data:`LEVELS`.
+    """
     redactor = redactor or Redactor()
     out = stream or sys.stderr
+    console: ConsoleOutput | None = None
     renderer: Processor
     if log_format == "json":
         renderer = _ScrubbedRenderer(
@@ -200,14 +240,11 @@ def configure(
         # sends the entry itself: it scrubs every field as its last step
         renderer = JournalRenderer(scrub=redactor.scrub_text)
     else:
-        # plain tracebacks: rich (when installed) would wrap long lines, and a key split
-        # across two lines could not be found by the scrubbing of the output
-        renderer = _ScrubbedRenderer(
-            structlog.dev.ConsoleRenderer(
-                colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
-            ),
-            redactor,
-        )
+        # one short line an event, plain tracebacks below it (a traceback rich formatted
+        # would be wrapped, and a key split across two lines could not be found by the
+        # scrubbing of the output); a status line, if any, drawn below by the same output
+        console = ConsoleOutput(out)
+        renderer = _ScrubbedRenderer(ConsoleRenderer(console), redactor)
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -220,7 +257,7 @@ def configure(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(out) if console is None else _OutputFactory(console),
         cache_logger_on_first_use=False,
     )
     root = logging.getLogger()
@@ -237,7 +274,17 @@ def configure(
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_crash
     sys.unraisablehook = _log_unraisable
-    return redactor
+    return LogSetup(redactor=redactor, console=console)
+
+
+class _OutputFactory:
+    """structlog's logger factory for the console format: every logger is the one output."""
+
+    def __init__(self, output: ConsoleOutput) -> None:
+        self._output = output
+
+    def __call__(self, *args: Any) -> ConsoleOutput:
+        return self._output
 
 
 def _noop(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
+from dropcut import notify
 from dropcut.conditions import Condition, ConditionBoard, Observed, Report
+from dropcut.observe import Alerts, NoAlerts
 from dropcut.overview import (
     Overview,
     human_duration,
@@ -46,8 +49,10 @@ class Monitor:
         in_flight: Callable[[], int],
         clock: Callable[[], float],
         more_work: Callable[[], None] = lambda: None,
+        alerts: Alerts | None = None,
     ) -> None:
         self.settings = settings
+        self._alerts: Alerts = alerts or NoAlerts()
         self._more_work = more_work
         self._queued = 0
         self._queue = queue
@@ -93,9 +98,12 @@ class Monitor:
         if overview.jobs.get("queued", 0) > self._queued:  # e.g. `dropcut approve` / `retry`
             self._more_work()
         self._queued = overview.jobs.get("queued", 0)
-        reports = self._board.update(self._observe(), now=now, waiting=overview.backlog)
+        observed = self._observe()
+        facts = {o.code: o.facts for o in observed if o.facts}
+        reports = self._board.update(observed, now=now, waiting=overview.backlog)
         for report in reports:
             self._report(report, now)
+            self._alert(report, facts.get(report.condition.code), now)
         current = self._board.current
         if reports or _codes(current) != _codes(self._stored):
             self._queue.set_meta("conditions", [c.to_json() for c in current] or None)
@@ -109,6 +117,31 @@ class Monitor:
         if self._stored:
             self._queue.set_meta("conditions", None)
             self._stored = []
+
+    def _alert(self, report: Report, facts: Mapping[str, Any] | None, now: float) -> None:
+        """The message for people: a budget spent and a batch held have their own, with
+        their figures; every other condition its start and end (not its repeats)."""
+        c = report.condition
+        if report.kind == "started" and facts and c.code == "budget_reached":
+            budget, resets = int(facts["budget"]), float(facts["resets_at"])
+            if facts.get("period") == "month":
+                event = notify.budget_reached(budget, "month", resets, c.waiting, now=now)
+            else:
+                event = notify.budget_reached(budget, "day", resets, c.waiting, now=now)
+        elif report.kind == "started" and facts and c.code == "batch_held":
+            event = notify.batch_held(
+                str(facts["folder"]),
+                int(facts["held"]),
+                int(facts["held"]),
+                float(facts["seconds"]),
+                now=now,
+            )
+        else:
+            message = notify.condition_message(report, now=now)
+            if message is None:
+                return
+            event = message
+        self._alerts.emit(event)
 
     def _report(self, report: Report, now: float) -> None:
         c = report.condition
@@ -135,12 +168,17 @@ def held_detail(held: list[tuple[str, int]], settings: Settings) -> str:
     where = ", ".join(f"{n} in {folder + '/' if folder else 'the inbox top'}" for folder, n in held[:3])
     if len(held) > 3:
         where += f" and {len(held) - 3} more folders"
-    minutes = human_duration(total * settings.rate_limit_period_seconds / settings.rate_limit_requests)
+    minutes = human_duration(held_seconds(total, settings))
     target = held[0][0] if len(held) == 1 and held[0][0] else ""
     return (
         f"{total} file{'s' if total != 1 else ''} ({where}; {total} credits, about {minutes} at the "
         f"allowance): dropcut approve {target or '[FOLDER]'}, or dropcut discard {target or '[FOLDER]'}"
     )
+
+
+def held_seconds(files: int, settings: Settings) -> float:
+    """Seconds ``files`` requests take at the allowance."""
+    return files * settings.rate_limit_period_seconds / settings.rate_limit_requests
 
 
 def _codes(conditions: list[Condition] | None) -> list[tuple[str, str]]:

@@ -1,13 +1,14 @@
-"""What the pipeline tells whoever counts (the Prometheus metrics): a small interface the
-dispatcher and the admission call at the moments that are counted, so that counting lives
-in one module (:mod:`dropcut.metrics`) and not in the stages.
+"""What the pipeline tells whoever counts (the Prometheus metrics) and whoever alerts people
+(the notifications): two small interfaces the stages call at those moments, so that counting
+lives in :mod:`dropcut.metrics` and delivering in :mod:`dropcut.notify`, not in the stages.
 
 A :class:`Recorder` must be quick and must not raise: it is called on the event loop.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
 
 from dropcut.queue import RequestRecord
 
@@ -34,4 +35,19 @@ class NoRecorder:
         pass
 
     def file_finished(self, outcome: Outcome) -> None:
+        pass
+
+
+class Alerts(Protocol):
+    """Where the messages for people go (:class:`dropcut.notify.Notifications`): quick,
+    never blocking, never raising."""
+
+    def emit(self, event: Mapping[str, Any]) -> None:
+        """Send a message built by :mod:`dropcut.notify`'s builders."""
+
+
+class NoAlerts:
+    """Sends nothing (no ``notify_command`` / ``notify_url``, or in tests of the stages)."""
+
+    def emit(self, event: Mapping[str, Any]) -> None:
         pass

@@ -171,8 +171,9 @@ def summary_line(overview: Overview, *, in_flight: int | None = None) -> str:
         f"quarantined {jobs.get('quarantined', 0)}",
     ]
     parts.append(f"rate {overview.rate.window}/{overview.rate.limit} per {overview.rate.period:g} s")
-    if overview.eta_seconds is not None:
-        parts.append(f"ETA {human_duration(overview.eta_seconds)}")
+    if overview.eta_seconds is not None:  # (0: all of it goes in the current window)
+        eta = overview.eta_seconds or overview.rate.period
+        parts.append(f"ETA {'< ' if not overview.eta_seconds else ''}{human_duration(eta)}")
     elif overview.backlog and overview.conditions:
         parts.append("ETA unknown")
     if overview.conditions:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -36,9 +37,12 @@ from dropcut.cache import ResultCache
 from dropcut.client import WithoutBG
 from dropcut.clock import RunClock
 from dropcut.conditions import Observed
+from dropcut.console import ConsoleOutput, StatusLine
 from dropcut.dispatch import LOCAL_PAUSES, Dispatcher
 from dropcut.logs import Redactor, set_log_level
-from dropcut.monitor import Monitor
+from dropcut.metrics import Metrics
+from dropcut.monitor import Monitor, held_detail, held_seconds
+from dropcut.notify import Notifications, NotifyOptions
 from dropcut.pace import Pacer
 from dropcut.paths import Layout
 from dropcut.produce import Producer
@@ -48,6 +52,7 @@ from dropcut.settings import ConfigError, Settings, load_settings
 from dropcut.settle import is_ignored_dir
 from dropcut.systemd import Notifier
 from dropcut.watch import InboxWatcher, ObserverFactory, detect_mode, inbox_problem, scan, watch_error_reason
+from dropcut.web import StatusServer, serve, snapshot
 
 HEALTH_SECONDS = 2.0
 STATUS_SECONDS = 2.0
@@ -150,6 +155,7 @@ class Daemon:
         config_path: Path | None = None,
         redactor: Redactor | None = None,
         notifier: Notifier | None = None,
+        console: ConsoleOutput | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         observer_factory: ObserverFactory | None = None,
         mountinfo: Path = Path("/proc/self/mountinfo"),
@@ -160,6 +166,8 @@ class Daemon:
         self._config_path = config_path
         self._redactor = redactor or Redactor()
         self._notifier = notifier or Notifier()
+        self._console = console  # log_format = "console": the status line goes there
+        self._status: StatusLine | None = None
         self._transport = transport
         self._observer_factory = observer_factory
         self._mountinfo = mountinfo
@@ -180,6 +188,8 @@ class Daemon:
         self._threads = DaemonThreadExecutor()
         self._rescan_wake = asyncio.Event()  # the rescan interval may have changed
         self._rewatch = False  # rebuild the watch (a reload changed the poll interval)
+        self.metrics: Metrics | None = None  # counted by the stages, read by /metrics
+        self.http: StatusServer | None = None  # the status page and /metrics (http_listen)
         self.started = False
 
     # --- entry points ----------------------------------------------------------------
@@ -228,10 +238,19 @@ class Daemon:
         key = s.resolve_api_key()
         if key is None:
             raise ConfigError("no API key")
-        self._redactor.set_secrets(key.get_secret_value())
         self._api_key = key
+        self._redactor.set_secrets(*self._secrets())  # the key, and the status page's token
         self.queue = JobQueue(connect(self.layout.database), clock=self._clock)
         requeued, published = self.queue.recover()
+        # the status page and /metrics: bound now, so that a taken port stops the start
+        self.metrics = Metrics(
+            overview=lambda: snapshot(self.settings),
+            watch=lambda: (self._watch_mode, self._watcher is not None and self._degraded is None),
+            version=__version__,
+        )
+        self.http = serve(
+            s, current=lambda: self.settings, metrics=self.metrics, scrub=self._redactor.scrub_text
+        )
         self.publisher = Publisher(self.layout, on_success=s.on_success, clock=self._clock)
         swept = self.publisher.prepare()
         self.layout.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +272,10 @@ class Daemon:
             transport=self._transport,
         )
         self.producer = Producer()
+        self.notifications = Notifications(
+            NotifyOptions.of(s), secrets=self._secrets(), clock=self._clock
+        )
+        self.notifications.start()
         self.dispatcher = Dispatcher(
             s,
             layout=self.layout,
@@ -264,6 +287,8 @@ class Daemon:
             clock=self._clock,
             notice=lambda rel_path: self.admission.notice(rel_path),
             producer=self.producer,
+            recorder=self.metrics,
+            alerts=self.notifications,
         )
         # Input moves and quarantines a crash interrupted; one that fails (EPERM, a full
         # disk) is reported and waits for a later rescan, it never stops the start.
@@ -278,6 +303,8 @@ class Daemon:
             on_held=self.dispatcher.held_found,
             min_observations=self._min_observations(),
             clock=self._clock,
+            recorder=self.metrics,
+            alerts=self.notifications,
         )
         self.monitor = Monitor(
             s,
@@ -285,6 +312,8 @@ class Daemon:
             observe=self._conditions,
             in_flight=lambda: self.dispatcher.in_flight,
             clock=self._clock,
+            more_work=self.dispatcher.wake,  # approved or retried from the command line
+            alerts=self.notifications,
         )
         self._log.info("watch_mode_chosen", mode=self._watch_mode, reason=reason, fstype=fstype)
         self._start_watch()
@@ -317,6 +346,14 @@ class Daemon:
         self.started = True
         self._notifier.ready()
         self._notifier.status(self.status_line())
+        if self._console is not None:  # read from its own thread: the cached summary only
+            self._status = StatusLine(lambda: self.monitor.summary, self._console)
+            self._status.start()
+
+    def _secrets(self) -> list[str | None]:
+        """What no message may carry: the API key, the status page's token."""
+        token = self.settings.resolve_http_token()
+        return [self._api_key.get_secret_value(), token.get_secret_value() if token else None]
 
     def _min_observations(self) -> int:
         return 2 if self._watch_mode == "poll" else 1
@@ -542,8 +579,8 @@ class Daemon:
             # ``settings`` at each use by the daemon, dispatcher or admission).
             old, self.settings = self.settings, new
             # (the old key too: a request still in flight was sent with it)
-            self._redactor.set_secrets(key.get_secret_value(), self._api_key.get_secret_value())
-            self._api_key = key
+            old_key, self._api_key = self._api_key, key
+            self._redactor.set_secrets(*self._secrets(), old_key.get_secret_value())
             self.client.set_api_key(key)
             self.publisher.on_success = new.on_success
             self.cache.max_bytes = new.result_cache_bytes
@@ -552,6 +589,7 @@ class Daemon:
             self.dispatcher.apply(new)
             self.admission.apply(new, min_observations=self._min_observations())
             self.monitor.apply(new)
+            self.notifications.apply(NotifyOptions.of(new), secrets=self._secrets())
             self._rescan_wake.set()
             if self._watch_mode == "poll" and new.poll_interval_seconds != old.poll_interval_seconds:
                 self._rewatch = True  # the health check rebuilds the watch with it
@@ -584,6 +622,26 @@ class Daemon:
                 found.append(Observed("account_paused", detail, since=since))
         if self._degraded:
             found.append(Observed("watch_degraded", self._degraded))
+        held = self.queue.held_folders()
+        if held:
+            total = sum(n for _, n in held)
+            facts = {
+                "folder": held[0][0] if len(held) == 1 else "",
+                "held": total,
+                "seconds": held_seconds(total, self.settings),
+            }
+            found.append(Observed("batch_held", held_detail(held, self.settings), facts=facts))
+        budget = self.dispatcher.budget_reached
+        if budget is not None and budget.resets_at is not None:
+            resets = datetime.fromtimestamp(budget.resets_at).astimezone().strftime("%d %b %H:%M")
+            found.append(
+                Observed(
+                    "budget_reached",
+                    f"{budget.used} of {budget.cap} requests this {budget.period}; resets {resets} "
+                    "(or: dropcut budget raise N, dropcut resume)",
+                    facts={"budget": budget.cap, "period": budget.period, "resets_at": budget.resets_at},
+                )
+            )
         return found
 
     # --- shutdown ------------------------------------------------------------------------
@@ -591,6 +649,8 @@ class Daemon:
     async def _shutdown(self) -> None:
         self._notifier.stopping()
         self._log.info("daemon_stopping")
+        if self.http is not None:
+            self.http.stop()
         # Stop admitting first (watch, rescans, settle, inspect), then give in-flight
         # requests their grace period.
         dispatching = {t for t in self._tasks if t.get_name() == "dispatch"}
@@ -608,6 +668,8 @@ class Daemon:
         cancelled = 0
         if hasattr(self, "dispatcher"):
             cancelled = await self.dispatcher.stop(self.settings.shutdown_grace_seconds)
+        if hasattr(self, "notifications"):  # (after the dispatcher: its last quarantines too)
+            await self.notifications.aclose()
         if hasattr(self, "producer"):
             self.producer.close()
         for task in self._tasks:
@@ -617,6 +679,10 @@ class Daemon:
         if hasattr(self, "client"):
             await self.client.aclose()
         if hasattr(self, "monitor"):
+            if self._status is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self.monitor.tick()  # the last figures, not those of a second ago
+                self._status.stop(self.monitor.summary)
             with contextlib.suppress(sqlite3.Error):
                 self.monitor.clear()
         if hasattr(self, "queue"):

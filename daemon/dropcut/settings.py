@@ -208,6 +208,14 @@ class Settings(BaseSettings):
     hold_batches_over: Annotated[int, Field(ge=0)] = 200
     batch_window_seconds: Positive = 600.0
 
+    # notifications (dropcut.notify): a command run with the JSON on stdin, and/or a URL
+    # POSTed to; quarantined files batched at most once per notify_batch_seconds
+    notify_command: str = ""
+    notify_url: str = ""
+    notify_batch_seconds: Annotated[float, Field(ge=0)] = 60.0
+    notify_timeout_seconds: Positive = 10.0
+    notify_retries: Annotated[int, Field(ge=0)] = 3
+
     # what the admin sees: the conditions' reports, the status page and metrics
     condition_report_seconds: Positive = 300.0  # a lasting condition is logged again this often
     # "host:port" of the status page and /metrics; "" turns the HTTP side off. Any address
@@ -260,6 +268,13 @@ class Settings(BaseSettings):
                     "outputs other than the transparent PNG are rendered from the matte: they need "
                     'api_mode = "matte"'
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _notify(self) -> Settings:
+        from dropcut.notify import NotifyOptions  # (imports settings' neighbours only)
+
+        NotifyOptions.of(self)  # raises ValueError naming the setting
         return self
 
     @model_validator(mode="after")
