@@ -260,8 +260,6 @@ RELOADED: dict[str, object] = {
     "notify_timeout_seconds": 3.0,
     "notify_retries": 1,
     "batch_window_seconds": 60.0,
-    "http_token": "a-new-token-0123456789",
-    "http_token_file": "/run/credentials/none/dropcut-http-token",
     "outputs": RawToml(recipe_key([OutputSpec(preset="white-jpeg")]), '[{preset = "white-jpeg"}]'),
     "folders": RawToml(
         folders_key({"web": (OutputSpec(preset="webp"),)}), '{web = {outputs = [{preset = "webp"}]}}'
@@ -315,8 +313,6 @@ def in_force(d: Daemon) -> dict[str, object]:
         "notify_timeout_seconds": d.notifications.options.timeout_seconds,
         "notify_retries": d.notifications.options.retries,
         "batch_window_seconds": d.admission.settings.batch_window_seconds,
-        "http_token": token.get_secret_value() if (token := d.settings.resolve_http_token()) else None,
-        "http_token_file": str(d.settings.http_token_file),
         "log_level": "debug" if structlog.get_logger().is_enabled_for(logging.DEBUG) else "not debug",
     }
 

@@ -252,6 +252,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
         conn.execute("COMMIT")
     conn.execute("CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq)")
+    # (status reads: the few multi-frame files among many, without a table scan)
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_frames ON jobs (frames) WHERE frames > 1")
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:

@@ -65,8 +65,11 @@ RESTART_KEYS = (
     "proxy_max_side",
     # the log renderer is chosen once
     "log_format",
-    # the listener is bound once (before the privileges it would need are gone)
+    # the listener is bound once (before the privileges it would need are gone), and its
+    # token read with it
     "http_listen",
+    "http_token",
+    "http_token_file",
 )
 
 

@@ -303,7 +303,9 @@ class StatusSite:
         if job is None or (kind == "after" and job.state not in OUTPUT_STATES):
             return _text(404, "No such thumbnail.\n")
         thumb = self.thumbs.get(job, kind)
-        return Response(200, thumb.data, thumb.content_type, [("Cache-Control", "private, max-age=300")])
+        # a placeholder may become a thumbnail (an output being written): not kept
+        cache = "private, max-age=300" if thumb.content_type == "image/jpeg" else "no-store"
+        return Response(200, thumb.data, thumb.content_type, [("Cache-Control", cache)])
 
     def _retry(self, req: Request) -> Response:
         if not self._same_origin(req):
@@ -311,7 +313,10 @@ class StatusSite:
         content_type = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if content_type != "application/x-www-form-urlencoded":
             return _text(403, "Refused: not the Retry form.\n")
-        form = _first(parse_qs(req.body.decode("latin-1"), max_num_fields=10))
+        try:
+            form = _first(parse_qs(req.body.decode("latin-1"), max_num_fields=10))
+        except ValueError:  # more fields than the form has
+            return _text(403, "Refused: not the Retry form.\n")
         if not hmac.compare_digest((form.get("csrf") or "").encode(), self._csrf.encode()):
             return _text(403, "Refused: the form's CSRF token is missing or stale; reload the page.\n")
         try:
@@ -520,6 +525,8 @@ class _View:
                 ("done", "done"),
                 ("quarantined", "quarantined"),
                 ("cancelled", "cancelled"),
+                # a large batch's held and discarded files, when there are any
+                *((state, state) for state in ("held", "discarded") if jobs.get(state)),
             )
         )
         share = min(1.0, rate.window / rate.limit) if rate.limit else 0.0
@@ -750,7 +757,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(_text(413, "Too large.\n"), close=True)
                 return
             body = self.rfile.read(int(length))
-        query = _first(parse_qs(parts.query, max_num_fields=20))
+        try:
+            query = _first(parse_qs(parts.query, max_num_fields=20))
+        except ValueError:  # more fields than any page takes
+            self._send(_text(400, "Too many parameters.\n"))
+            return
         request = Request(self.command, parts.path, query, self.headers, body)
         try:
             response = self.server.site.handle(request)
@@ -824,6 +835,7 @@ class StatusServer:
             self._httpd.shutdown()  # (returns once serve_forever did: at most a poll interval)
             self._thread = None
         self._httpd.server_close()
+        self.site.thumbs.close()
 
 
 def serve(
@@ -870,6 +882,9 @@ __all__ = [
     "StatusServer",
     "StatusSite",
     "reading",
+    "recent",
+    "recent_ids",
     "serve",
+    "session_value",
     "snapshot",
 ]
