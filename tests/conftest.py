@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.fake_api import FakeWithoutBG
+from tests.pg import pg, pg_db, pg_password_file  # noqa: F401  (fixtures: the PostgreSQL cluster)
 from tests.support import API_KEY, DaemonProcess, Folders
 
 
