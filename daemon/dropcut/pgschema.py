@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -183,10 +184,10 @@ def conninfo(url: str, password: str | None, *, application: str = "dropcut") ->
     params.setdefault("keepalives_idle", 10)
     params.setdefault("keepalives_interval", 5)
     params.setdefault("keepalives_count", 3)
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
-def migrate(conn: psycopg.Connection[object]) -> int:
+def migrate(conn: psycopg.Connection[Any]) -> int:
     """Bring the schema up to date; returns the version now. Safe when several daemons
     start at once (a transaction-level advisory lock serialises them). ``conn`` must be in
     autocommit mode or idle; the steps run in one transaction each."""
@@ -194,16 +195,17 @@ def migrate(conn: psycopg.Connection[object]) -> int:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         row = conn.execute("SELECT version FROM schema_version").fetchone()
-        version = int(row[0]) if row is not None else 0  # type: ignore[index]
+        version = int(row[0]) if row is not None else 0
         if row is None:
             conn.execute("INSERT INTO schema_version (version) VALUES (0)")
         for step, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-            conn.execute(sql)  # type: ignore[arg-type]
+            conn.execute(sql.encode())  # (a constant of this module)
             conn.execute("UPDATE schema_version SET version = %s", (step,))
         return len(MIGRATIONS) if version < len(MIGRATIONS) else version
 
 
-def db_now(conn: psycopg.Connection[object]) -> float:
+def db_now(conn: psycopg.Connection[Any]) -> float:
     """The database server's clock, in epoch seconds."""
     row = conn.execute("SELECT extract(epoch from clock_timestamp())::float8").fetchone()
-    return float(row[0])  # type: ignore[index]
+    assert row is not None
+    return float(row[0])
