@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import socket
 import sys
 import tomllib
 import zoneinfo
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -39,6 +41,7 @@ from dropcut.settle import DEFAULT_IGNORE_DIRS, DEFAULT_IGNORE_PATTERNS
 CREDENTIAL_NAME = "dropcut-api-key"
 HTTP_TOKEN_CREDENTIAL = "dropcut-http-token"
 MIN_HTTP_TOKEN = 16
+SHARED_QUEUE_READY = False  # the daemon does not run on queue_url yet: start refuses it
 """File name of the API key below ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``)."""
 
 Positive = Annotated[float, Field(gt=0)]
@@ -65,6 +68,11 @@ RESTART_KEYS = (
     "proxy_max_side",
     # the log renderer is chosen once
     "log_format",
+    # the queue is opened once
+    "queue_url",
+    "queue_password_file",
+    "site",
+    "lease_seconds",
     # the listener is bound once (before the privileges it would need are gone), and its
     # token read with it
     "http_listen",
@@ -202,6 +210,14 @@ class Settings(BaseSettings):
     on_success: Literal["archive", "delete", "keep"] = "archive"
     result_cache_bytes: Annotated[int, Field(ge=0)] = 1024**3
 
+    # the queue: unset = SQLite under state_dir; "postgresql://user@host/db" = a queue shared
+    # by several daemons (password from queue_password_file or the systemd credential
+    # dropcut-queue-password, never from the URL); site: which daemons may process a file
+    queue_url: str | None = None
+    queue_password_file: Path | None = None
+    site: str = Field(default_factory=lambda: socket.gethostname() or "localhost")
+    lease_seconds: Annotated[float, Field(ge=5)] = 60.0
+
     # the spend guard (dropcut.budget): requests per calendar day / month, None = no cap
     budget_per_day: PositiveInt | None = None
     budget_per_month: PositiveInt | None = None
@@ -238,6 +254,28 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("queue_url")
+    @classmethod
+    def _queue_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or unset for the SQLite queue in state_dir)")
+        if urlsplit(value).password is not None:
+            raise ValueError(
+                "must not hold the password: put it in queue_password_file or the systemd "
+                "credential dropcut-queue-password"
+            )
+        return value
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+            raise ValueError("a site name is 1-63 letters, digits, '.', '_' or '-'")
+        return value
 
     @field_validator("budget_timezone")
     @classmethod
@@ -392,7 +430,7 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, with the secrets replaced."""
         data = self.model_dump(mode="json")
-        for key in ("api_key", "http_token"):
+        for key in ("api_key", "http_token"):  # (queue_url cannot hold a password)
             if data.get(key):
                 data[key] = "**********"
         return data
@@ -536,6 +574,8 @@ def startup_problems(settings: Settings) -> list[str]:
                     f"http_token_file or the systemd credential {HTTP_TOKEN_CREDENTIAL} "
                     '(or http_listen = "127.0.0.1:9840", or "" for no status page)'
                 )
+    if settings.queue_url is not None and not SHARED_QUEUE_READY:
+        problems.append("queue_url: the shared PostgreSQL queue is not wired into the daemon yet (issue 13)")
     problems.extend(folder_problems(settings))
     for name in ("outbox", "quarantine", "archive", "state_dir"):
         problem = _unwritable(getattr(settings, name))
