@@ -14,8 +14,10 @@ one the job was made from (same size and mtime: ``on_success = "keep"``); after
 
 Decoding goes through :func:`dropcut.decode.make_proxy` (EXIF orientation, ICC profiles,
 HEIC, 16 bits, CMYK: the same image a person sees), bounded by ``max_pixels`` and the
-decode time budget; one thumbnail is made at a time, so a page full of new thumbnails
-costs one decode's memory, not twenty.
+decode time budget, in a worker process of its own (:func:`dropcut.worker.pool`, at the
+renders' lower priority), as the daemon decodes nothing itself: a 24 MP output's PNG costs
+~1.2 s and ~190 MiB there, never in the daemon. One thumbnail is made at a time; the worker
+is started on the first one and ends after :data:`IDLE_SECONDS` without any.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ import html
 import os
 import stat
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 
-from dropcut.decode import DecodeError, make_proxy
+from dropcut import worker
 from dropcut.paths import Layout
 from dropcut.queue import Job
 
@@ -41,6 +46,9 @@ THUMB_QUALITY = 85
 MAX_THUMBS = 5000
 """Thumbnails kept in the cache (about 10 KB each); the oldest beyond go."""
 PRUNE_EVERY = 100  # new thumbnails between two looks at the cache's size
+IDLE_SECONDS = 60.0  # the worker process ends after this long without a thumbnail to make
+MAKE_SECONDS = 120.0  # the longest a thumbnail may take (a 100 MP PNG: ~6 s)
+WORKER_NICE = 10  # as the renders: the event loop and the proxies come first
 CHECKER = 12  # pixels a square of the checkerboard
 CHECKER_LIGHT, CHECKER_DARK = (255, 255, 255), (214, 214, 214)
 
@@ -94,6 +102,8 @@ class Thumbnails:
         self._keep = keep
         self._making = threading.Lock()  # one decode at a time
         self._made = 0
+        self._pool: ProcessPoolExecutor | None = None
+        self._idle: threading.Timer | None = None
 
     def prepare(self) -> None:
         """Create the cache folder; remove what a crash left half-written."""
@@ -140,37 +150,57 @@ class Thumbnails:
         with self._making:
             with contextlib.suppress(FileNotFoundError):  # made meanwhile by another request
                 return Thumb(path.read_bytes(), "image/jpeg")
-            try:
-                data = self._make(src, path)
-            except (DecodeError, OSError, ValueError):
+            if not self._make(src, path):
                 return placeholder("cannot show")
             self._made += 1
             if self._made % PRUNE_EVERY == 0:
                 self.prune()
-        return Thumb(data, "image/jpeg")
-
-    def _make(self, src: Path, dest: Path) -> bytes:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{dest.name}.proxy"
         try:
-            make_proxy(
-                src,
-                tmp,
-                max_side=self._side,
-                quality=THUMB_QUALITY,
-                max_pixels=self._max_pixels,
-                timeout=self._timeout,
-                sync=False,
+            return Thumb(path.read_bytes(), "image/jpeg")
+        except FileNotFoundError:  # pruned at once (a cache of one)
+            return placeholder("cannot show")
+
+    def _make(self, src: Path, dest: Path) -> bool:
+        """Make ``dest`` from ``src`` in the worker process (call with ``_making`` held);
+        False when it cannot be made (not an image, too big, too slow, a crashed worker)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._pool is None:
+            self._pool = worker.pool(1, nice=WORKER_NICE)
+        pool = self._pool
+        try:
+            pool.submit(make_thumbnail, src, dest, self._side, self._max_pixels, self._timeout).result(
+                MAKE_SECONDS
             )
-            with Image.open(tmp) as img:
-                img.load()
-                flat = on_checkerboard(img) if img.mode in ("RGBA", "LA") else img.convert("RGB")
-            part = self.dir / f".{dest.name}.part"
-            flat.save(part, "JPEG", quality=THUMB_QUALITY, optimize=True)
-            os.replace(part, dest)
+        except (BrokenProcessPool, FutureTimeout):
+            # a worker that died (the OOM killer, a crash in a decoder) or hangs: a new one
+            # next time (a hung one ends with its decode, bounded by max_pixels)
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            return False
+        except (OSError, ValueError):  # DecodeError is a ValueError
+            return False
         finally:
-            tmp.unlink(missing_ok=True)
-        return dest.read_bytes()
+            self._idle = threading.Timer(IDLE_SECONDS, self.close)
+            self._idle.daemon = True
+            self._idle.start()
+        return True
+
+    def close(self, wait: float = 1.0) -> None:
+        """End the worker process (a new one starts when a thumbnail is wanted again),
+        waiting at most ``wait`` seconds for a thumbnail being made."""
+        locked = self._making.acquire(timeout=wait)
+        try:
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+        finally:
+            if locked:
+                self._making.release()
 
     def prune(self) -> int:
         """Remove the oldest thumbnails beyond the ones kept; returns how many went."""
@@ -187,6 +217,36 @@ class Thumbnails:
                 os.unlink(path)
                 removed += 1
         return removed
+
+
+def make_thumbnail(
+    source: Path, dest: Path, side: int, max_pixels: int | None, timeout: float | None
+) -> None:
+    """In a worker process: the thumbnail of ``source`` (upright, at most ``side`` px a
+    side, transparency on the checkerboard) written to ``dest`` as a JPEG, atomically.
+    Raises :class:`dropcut.decode.DecodeError` (a ValueError) or OSError."""
+    from dropcut.decode import make_proxy
+
+    tmp = dest.parent / f".{dest.name}.proxy"
+    part = dest.parent / f".{dest.name}.part"
+    try:
+        make_proxy(
+            source,
+            tmp,
+            max_side=side,
+            quality=THUMB_QUALITY,
+            max_pixels=max_pixels,
+            timeout=timeout,
+            sync=False,
+        )
+        with Image.open(tmp) as img:
+            img.load()
+            flat = on_checkerboard(img) if img.mode in ("RGBA", "LA") else img.convert("RGB")
+        flat.save(part, "JPEG", quality=THUMB_QUALITY, optimize=True)
+        os.replace(part, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
 
 
 def on_checkerboard(img: Image.Image, square: int = CHECKER) -> Image.Image:
