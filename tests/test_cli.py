@@ -463,7 +463,7 @@ def test_status_after_a_run(
     assert "dropcut: not running" in out
     assert "requests: 2/3000 in the last minute" in out
     assert "not paused; no conditions" in out
-    assert "last error: notes.jpg: HTTP 415 " in out
+    assert "last error: notes.jpg: refused here, not sent (415) unsupported_format" in out
     assert "None" not in out
     assert SECRET not in out
 

@@ -196,6 +196,7 @@ def test_an_api_outage_is_a_condition_started_repeated_and_ended(
         assert out.returncode == 0, out.stderr
         assert "dropcut: running" in out.stdout
         assert "- cannot reach the API since " in out.stdout and "2 files wait" in out.stdout
+        assert "no estimate while nothing is sent" in out.stdout
         assert "None" not in out.stdout
         data = json.loads(
             subprocess.run(
@@ -208,7 +209,7 @@ def test_an_api_outage_is_a_condition_started_repeated_and_ended(
         )
         [cond] = data["conditions"]
         assert cond["code"] == "api_unreachable" and cond["waiting"] == 2
-        assert data["backlog"] == 2 and data["eta_seconds"] is not None
+        assert data["backlog"] == 2 and data["eta_seconds"] is None  # nothing is sent: no estimate
         assert data["rate"]["used"]["minute"] >= 1
 
         api.reset()  # the API is back

@@ -10,8 +10,10 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 import sqlite3
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -310,7 +312,7 @@ def _daemon_running(settings: Settings) -> bool | None:
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
-    from dropcut.overview import human_duration
+    from dropcut.overview import human_duration, pause_hint
 
     try:
         report = status_report(settings)
@@ -320,57 +322,77 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
+    width = min(120, shutil.get_terminal_size((120, 24)).columns)
+
+    def say(text: str, indent: str = "  ") -> None:
+        print(textwrap.fill(text, width=width, subsequent_indent=indent, break_on_hyphens=False))
+
     running = {True: "running", False: "not running", None: "unknown (cannot read its lock)"}
-    print(f"dropcut: {running[report['running']]} — state in {settings.state_dir}")
+    say(f"dropcut: {running[report['running']]} — state in {settings.state_dir}")
     if not report["exists"]:
-        print(f"no queue yet at {report['database']}")
+        say(f"no queue yet at {report['database']}")
         return EXIT_OK
     jobs = report["jobs"]
-    print("jobs:  " + "  ".join(f"{state} {n}" for state, n in jobs.items()))
+    say("jobs:  " + "  ".join(f"{state} {n}" for state, n in jobs.items() if n or state in CORE_STATES))
+    backlog, eta = report["backlog"], report["eta_seconds"]
+    if not backlog:
+        say("backlog: none")
+    elif report["running"] is False:
+        say(f"backlog: {backlog} files; they wait for the daemon (not running)")
+    elif eta is None:
+        say(f"backlog: {backlog} files; no estimate while nothing is sent (see the conditions)")
+    elif eta == 0:
+        say(f"backlog: {backlog} files; all go within the current window of the allowance")
+    else:
+        say(f"backlog: {backlog} files; done in about {human_duration(eta)} at the allowance")
+    if jobs.get("held"):
+        say(
+            f"held: {jobs['held']} files of a large batch wait for `dropcut approve [FOLDER]` "
+            "(or `dropcut discard [FOLDER]`: they stay in the inbox, unsent)"
+        )
     rate = report["rate"]
     used, allowed = rate["used"], rate["allowance"]
-    backlog = report["backlog"]
-    if backlog:
-        eta = report["eta_seconds"]
-        when = f"about {human_duration(eta)} at the allowance" if eta is not None else "unknown while paused"
-        print(f"backlog: {backlog} files; done in {when}")
-    else:
-        print("backlog: none")
-    print(
+    say(
         f"requests: {used['minute']}/{allowed['minute']} in the last minute, "
         f"{used['hour']}/{allowed['hour']} in the last hour, {used['day']}/{allowed['day']} in the last day "
         f"(allowance {rate['limit']} per {rate['period_seconds']:g} s)"
     )
-    print(f"last success: {report['last_success'] or 'never'}")
+    say(f"last success: {report['last_success'] or 'never'}")
     if report.get("frames_skipped"):
-        print(f"cut to their first frame (multi-page or animated): {report['frames_skipped']} files")
+        say(f"cut to their first frame (multi-page or animated): {report['frames_skipped']} files")
     credit = report["credit"]
     if credit:
         line = f"credit: {credit.get('credit', 'unknown')}"
         if credit.get("expiration_date"):
             line += f", expires {credit['expiration_date']}"
         if credit.get("checked_at"):
-            line += f" (checked {iso_of(credit['checked_at'])})"
-        print(line)
+            line += f" (checked {credit['checked_at']})"
+        say(line)
     else:
-        print("credit: not checked yet")
+        say("credit: not checked yet")
     conditions = report["conditions"]
     if conditions:
         when = "now" if report["running"] else "when the daemon last ran"
-        print(f"conditions ({when}):")
+        say(f"conditions ({when}):")
         for c in conditions:
-            print(f"  - {c['sentence']}")
+            say(f"  - {c['sentence']}", indent="    ")
     paused = report["paused"]
     if paused:
-        print(f"PAUSED since {iso_of(paused.get('since')) or 'unknown'}: {_words(paused)}")
+        say(f"PAUSED since {iso_of(paused.get('since')) or 'unknown'}: {_words(paused)}")
         if paused.get("location"):
-            print(f"  redirected to: {paused['location']} (check api_url)")
+            say(f"  redirected to: {paused['location']} (check api_url)", indent="    ")
+        hint = pause_hint(paused.get("code"))
+        if hint:
+            say(f"  what to do: {hint}", indent="    ")
     elif not conditions:
-        print("not paused; no conditions")
+        say("not paused; no conditions")
     last = report["last_error"]
     if last:
-        print(f"last error: {last['file']}: {_words(last['error'])} ({last['at']})")
+        say(f"last error: {last['file']}: {_words(last['error'])} ({last['at']})")
     return EXIT_OK
+
+
+CORE_STATES = ("queued", "inflight", "done", "quarantined")  # listed even at 0
 
 
 def iso_of(ts: Any) -> str | None:
@@ -380,11 +402,14 @@ def iso_of(ts: Any) -> str | None:
 
 
 def _words(error: Any) -> str:
-    """An error record in words, with no ``None`` in them: ``HTTP 402 no_credit — detail``."""
+    """An error record in words, with no ``None`` in them: ``HTTP 402 no_credit — detail``,
+    or ``refused here, not sent (415) unsupported_format — detail`` for a local refusal."""
     if not isinstance(error, dict):
         return str(error)
     parts = []
-    if error.get("status") is not None:
+    if error.get("source") == "local":
+        parts.append("refused here, not sent" + (f" ({error['status']})" if error.get("status") else ""))
+    elif error.get("status") is not None:
         parts.append(f"HTTP {error['status']}")
     if error.get("code"):
         parts.append(str(error["code"]))
@@ -519,15 +544,17 @@ def _release_held(settings: Settings, args: argparse.Namespace) -> int:
         n = queue.release_held(folder, to="queued" if args.command == "approve" else "discarded")
     finally:
         queue.close()
-    where = f"in {folder}/" if folder else "held"
+    where = f" in {folder}/" if folder else ""
+    files = f"{n} held file{'s' if n != 1 else ''}{where}"
     if n == 0:
-        listed = ", ".join(f"{f or '(inbox top)'}: {c}" for f, c in held) or "none"
-        print(f"dropcut: no held files {where} (held now: {listed})", file=sys.stderr)
+        listed = ", ".join(f"{f or '(inbox top)'}: {c}" for f, c in held)
+        now = f"held now: {listed}" if listed else "nothing is held"
+        print(f"dropcut: no held files{where} ({now})", file=sys.stderr)
         return EXIT_FAILURE
     if args.command == "approve":
-        print(f"approved {n} held files {where}: they are queued and will be sent")
+        print(f"approved {files}: they are queued and will be sent")
     else:
-        print(f"discarded {n} held files {where}: they stay in the inbox and will not be sent")
+        print(f"discarded {files}: they stay in the inbox and will not be sent")
     return EXIT_OK
 
 

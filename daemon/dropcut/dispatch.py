@@ -31,7 +31,18 @@ from dropcut.budget import PERIODS, Caps, Verdict, period_bounds, verdict
 from dropcut.cache import ResultCache
 from dropcut.client import ALPHA_PATH, REMOVE_PATH, WithoutBG
 from dropcut.decode import DecodeError
-from dropcut.judge import Code, Outcome, Pause, Publish, Refuse, Retry, RetryPolicy, backoff_delay, judge
+from dropcut.judge import (
+    Code,
+    Outcome,
+    Pause,
+    Publish,
+    Refuse,
+    Retry,
+    RetryPolicy,
+    TransportError,
+    backoff_delay,
+    judge,
+)
 from dropcut.observe import Alerts, NoAlerts, NoRecorder, Recorder
 from dropcut.pace import Pacer
 from dropcut.paths import Layout, output_key, result_key
@@ -44,6 +55,16 @@ from dropcut.watch import inbox_problem
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_CHECK_SECONDS = 2.0  # how often a local pause (disk full, outbox unwritable) is re-checked
+# Transport errors before anything reached the server: not a request the API counts.
+UNSENT = frozenset(
+    {
+        TransportError.CONNECT,
+        TransportError.DNS,
+        TransportError.TLS,
+        TransportError.CONNECT_TIMEOUT,
+        TransportError.POOL_TIMEOUT,
+    }
+)
 BUDGET_RECHECK_SECONDS = 1.0  # how soon `dropcut budget raise` / `dropcut resume` take effect
 LOCAL_PAUSES = ("disk_full", "outbox_unwritable")  # resumed by looking at our folders, not the account
 SERVICE_WIDE = ("rate_limited", "server_error", "connection_error", "timeout")
@@ -262,6 +283,10 @@ class Dispatcher:
                 used=found.used,
                 resets_at=datetime.fromtimestamp(found.resets_at or now, UTC).isoformat(timespec="seconds"),
             )
+            counts = self._queue.counts()
+            waiting = counts.get("queued", 0) + counts.get("inflight", 0)
+            resets, period = found.resets_at or now, found.period or "day"
+            self._alerts.emit(notify.budget_reached(found.cap, period, resets, waiting, now=now))
         elif was is not None and not found.reached:
             self._log.info("budget_available", period=was.period)
         return found.reached
@@ -546,7 +571,8 @@ class Dispatcher:
                     seconds=time.monotonic() - began,
                     sent=upload.path.stat().st_size,
                     received=staged.stat().st_size if staged.exists() else 0,
-                )
+                ),
+                outcome,
             )
             policy = retry_policy(self.settings)
             decision = judge(
@@ -625,14 +651,18 @@ class Dispatcher:
             if not handed_over:
                 staged.unlink(missing_ok=True)
 
-    def _request_finished(self, record: RequestRecord) -> None:
-        """Log a request (the request log: ``dropcut status``'s use of the allowance) and
-        count it; a log that cannot be written costs the count, never the job."""
+    def _request_finished(self, record: RequestRecord, outcome: Outcome) -> None:
+        """Count a request (the metrics: every try) and log it in the request log (the
+        use of the allowance and the budgets), unless it never reached the server (no
+        connection: nothing was sent, nothing is charged). A log that cannot be written
+        costs the count, never the job."""
+        self._recorder.request_finished(record)
+        if outcome.status is None and outcome.transport_error in UNSENT:
+            return
         try:
             self._queue.record_request(record)
         except sqlite3.Error as exc:
             self._log.warning("request_log_failed", detail=str(exc))
-        self._recorder.request_finished(record)
 
     # --- finishing ---------------------------------------------------------------------
 
@@ -947,6 +977,9 @@ class Dispatcher:
                 detail=o.detail,
                 transport_error=o.transport_error.value if o.transport_error else None,
             )
+            if o.status == 401:  # the key is refused: no image request would do better
+                detail = o.detail or "the API refused the key"
+                self._pause(code=Code.INVALID_API_KEY, status=401, detail=detail)
             return
         self.last_credit = credit.credit
         self._queue.set_meta(

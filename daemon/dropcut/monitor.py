@@ -10,6 +10,7 @@ The decisions are :class:`dropcut.conditions.ConditionBoard`'s and the words
 from __future__ import annotations
 
 import asyncio
+import shlex
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -119,16 +120,13 @@ class Monitor:
             self._stored = []
 
     def _alert(self, report: Report, facts: Mapping[str, Any] | None, now: float) -> None:
-        """The message for people: a budget spent and a batch held have their own, with
-        their figures; every other condition its start and end (not its repeats)."""
+        """The message for people: a batch held has its own, with its figures (a spent
+        budget too, sent by the dispatcher); every other condition its start and end (not
+        its repeats)."""
         c = report.condition
-        if report.kind == "started" and facts and c.code == "budget_reached":
-            budget, resets = int(facts["budget"]), float(facts["resets_at"])
-            if facts.get("period") == "month":
-                event = notify.budget_reached(budget, "month", resets, c.waiting, now=now)
-            else:
-                event = notify.budget_reached(budget, "day", resets, c.waiting, now=now)
-        elif report.kind == "started" and facts and c.code == "batch_held":
+        if report.kind == "started" and c.code == "budget_reached":
+            return  # the dispatcher tells each time the queue stops on a budget (a raise too)
+        if report.kind == "started" and facts and c.code == "batch_held":
             event = notify.batch_held(
                 str(facts["folder"]),
                 int(facts["held"]),
@@ -165,14 +163,21 @@ def held_detail(held: list[tuple[str, int]], settings: Settings) -> str:
     e.g. ``50 files in shoot/ (50 credits, about 7 min 08 s at the allowance): dropcut
     approve shoot, or dropcut discard shoot``."""
     total = sum(n for _, n in held)
-    where = ", ".join(f"{n} in {folder + '/' if folder else 'the inbox top'}" for folder, n in held[:3])
+    where = ", ".join(
+        f"{n} in {folder}/" if folder else f"{n} at the top of the inbox" for folder, n in held[:3]
+    )
     if len(held) > 3:
         where += f" and {len(held) - 3} more folders"
     minutes = human_duration(held_seconds(total, settings))
-    target = held[0][0] if len(held) == 1 and held[0][0] else ""
+    if len(held) == 1 and held[0][0]:
+        folder = shlex.quote(held[0][0])
+        commands = f"dropcut approve {folder}, or dropcut discard {folder}"
+    else:
+        commands = "dropcut approve (all of them) or dropcut approve FOLDER; dropcut discard likewise"
+    credits = f"{total} credit{'s' if total != 1 else ''}"
     return (
-        f"{total} file{'s' if total != 1 else ''} ({where}; {total} credits, about {minutes} at the "
-        f"allowance): dropcut approve {target or '[FOLDER]'}, or dropcut discard {target or '[FOLDER]'}"
+        f"{total} file{'s' if total != 1 else ''} ({where}; {credits}, about {minutes} at the "
+        f"allowance): {commands}"
     )
 
 

@@ -21,6 +21,8 @@ from dropcut.queue import JobQueue
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 BACKLOG_STATES = ("queued", "inflight")
+# Conditions under which nothing is sent: no estimate can be made while they hold.
+STOPPING = ("api_unreachable", "account_paused", "disk_full", "outbox_unwritable", "budget_reached")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Overview:
             "backlog": self.backlog,
             "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds),
             "rate": self.rate.to_json(),
-            "credit": self.credit,
+            "credit": _credit_json(self.credit),
             "last_success": iso(self.last_success),
             "frames_skipped": self.frames_skipped,
             "conditions": [
@@ -153,9 +155,28 @@ def sentence(condition: Condition, now: float) -> str:
     text = f"{what} since {clock_time(condition.since, now)} ({human_duration(now - condition.since)})"
     if condition.detail:
         text += f": {condition.detail}"
-    if condition.waiting:
+    if condition.waiting and condition.code != "batch_held":  # (its detail counts the held)
         text += f"; {condition.waiting} file{'s' if condition.waiting != 1 else ''} wait"
     return text
+
+
+PAUSE_HINTS = {
+    "invalid_api_key": "check the API key (DROPCUT_API_KEY, api_key_file or the credential "
+    "dropcut-api-key), then reload (systemctl reload dropcut, or SIGHUP) or restart",
+    "insufficient_credit": "top up the account: the queue goes on by itself once a credit "
+    "check sees credit",
+    "credits_expired": "renew the credits: the queue goes on by itself once a credit check "
+    "sees valid credit",
+    "endpoint_not_found": "check api_url, then reload or restart",
+    "endpoint_redirected": "check api_url (the API answered with a redirect), then reload or restart",
+    "disk_full": "free space in state_dir and the outbox: the queue goes on by itself",
+    "outbox_unwritable": "make the outbox writable again: the queue goes on by itself",
+}
+
+
+def pause_hint(code: str | None) -> str | None:
+    """What the admin can do about a pause with this code, or None."""
+    return PAUSE_HINTS.get(code or "")
 
 
 def summary_line(overview: Overview, *, in_flight: int | None = None) -> str:
@@ -209,7 +230,12 @@ def read_overview(queue: JobQueue, *, limit: int, period: float, now: float) -> 
         at=now,
         jobs=jobs,
         rate=rate,
-        eta_seconds=eta_seconds(backlog, limit=limit, period=period, paused=paused is not None),
+        eta_seconds=eta_seconds(
+            backlog,
+            limit=limit,
+            period=period,
+            paused=paused is not None or any(c.code in STOPPING for c in conditions),
+        ),
         credit=credit,
         last_success=float(last) if isinstance(last, int | float) else None,
         frames_skipped=frames_skipped,
@@ -229,6 +255,14 @@ def parse_conditions(stored: Any) -> list[Condition]:
             except (KeyError, TypeError, ValueError):
                 continue
     return out
+
+
+def _credit_json(credit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The stored credit record with ``checked_at`` as ISO 8601, as every time shown."""
+    if credit is None:
+        return None
+    checked = credit.get("checked_at")
+    return {**credit, "checked_at": iso(float(checked)) if isinstance(checked, int | float) else None}
 
 
 def _dict_or_none(value: Any) -> dict[str, Any] | None:

@@ -609,7 +609,8 @@ class Daemon:
         found: list[Observed] = []
         outage = self.dispatcher.outage
         if outage is not None:
-            found.append(Observed("api_unreachable", outage[1], since=outage[0]))
+            why = f"{self.settings.api_url}: {outage[1]}"
+            found.append(Observed("api_unreachable", why, since=outage[0]))
         paused = self.dispatcher.paused
         if paused is not None:
             code = str(paused.get("code") or "paused")
@@ -648,7 +649,9 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self._notifier.stopping()
-        self._log.info("daemon_stopping")
+        in_flight = self.dispatcher.in_flight if hasattr(self, "dispatcher") else 0
+        # (so that a quiet wait for the requests on their way is explained)
+        self._log.info("daemon_stopping", in_flight=in_flight, grace_s=self.settings.shutdown_grace_seconds)
         if self.http is not None:
             self.http.stop()
         # Stop admitting first (watch, rescans, settle, inspect), then give in-flight
