@@ -462,7 +462,10 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             with path.open("rb") as fh:
                 tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
+            hint = ""
+            if "Cannot overwrite a value" in str(exc) or "Cannot declare" in str(exc):
+                hint = " (a key is set twice: look for an earlier line that sets the same key)"
+            raise ConfigError(f"config file {path}: {exc}{hint}") from None
     try:
         return FromFile(**overrides) if path is not None else Settings(**overrides)
     except ValidationError as exc:
@@ -556,7 +559,12 @@ def startup_problems(settings: Settings) -> list[str]:
     except ConfigError as exc:
         problems.append(str(exc))
     else:
-        if key is None:
+        if key is None and settings.api_key_file is not None and not settings.api_key_file.exists():
+            problems.append(
+                f"no API key: api_key_file {settings.api_key_file} does not exist (write the key "
+                "there, alone on one line) and DROPCUT_API_KEY is not set"
+            )
+        elif key is None:
             problems.append(
                 "no API key: set api_key, api_key_file, DROPCUT_API_KEY or the "
                 f"systemd credential {CREDENTIAL_NAME}"

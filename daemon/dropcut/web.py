@@ -420,14 +420,14 @@ h2{font-size:1.05rem;margin:1.6rem 0 .6rem}h2 small{color:var(--muted);font-weig
 .pair{display:flex;gap:.4rem;align-items:center}
 .pair img{width:136px;height:136px;object-fit:contain;background:#f0f2f5;border-radius:4px;flex:1 1 0;
 min-width:0}.pair .arrow{color:var(--muted)}
-.out .name{margin-top:.4rem;font-size:.85rem;word-break:break-all}
+.out .name{margin-top:.4rem;font-size:.85rem;overflow-wrap:anywhere}
 .out .when{font-size:.78rem;color:var(--muted)}
 table{width:100%;border-collapse:collapse;background:var(--card);border:1px solid var(--line);
 border-radius:8px}
 th,td{text-align:left;padding:.5rem .7rem;border-bottom:1px solid var(--line);vertical-align:top;
 font-size:.88rem}
 th{font-size:.75rem;text-transform:uppercase;letter-spacing:.05em;color:var(--muted)}
-td.file{word-break:break-all}.code{font-family:ui-monospace,monospace;font-size:.82rem;color:var(--bad)}
+td.file{overflow-wrap:anywhere}.code{font-family:ui-monospace,monospace;font-size:.82rem;color:var(--bad)}
 button{font:inherit;font-size:.85rem;padding:.3rem .9rem;border-radius:6px;border:1px solid var(--accent);
 background:var(--accent);color:#fff;cursor:pointer}button:hover{filter:brightness(1.1)}
 .pager{display:flex;gap:.6rem;align-items:center;margin:.6rem 0;font-size:.88rem}
@@ -888,3 +888,4 @@ __all__ = [
     "session_value",
     "snapshot",
 ]
+
