@@ -15,7 +15,7 @@ LOCAL_WRITTEN := $(LOCAL_ABS)/.dropcut.toml.written
 LOCAL_DIRS := $(addprefix $(LOCAL_ABS)/,inbox outbox quarantine archive state)
 SYSTEM_PACKAGES := libsystemd-dev pkg-config
 
-.PHONY: run status check retry test lint bench system-deps clean
+.PHONY: run status check retry budget resume approve discard test lint bench system-deps clean
 
 # systemd-python compiles against libsystemd; install it when we are allowed to.
 system-deps:
@@ -80,6 +80,14 @@ retry: $(BIN)/dropcut $(LOCAL_CONFIG)
 	@if [ -z '$(FILES)$(ALL)' ]; then \
 	  echo "usage: make retry FILES='var/quarantine/a.jpg …'  or  make retry ALL=1" >&2; exit 2; fi
 	@$(BIN)/dropcut retry --config $(LOCAL_CONFIG) $(if $(ALL),--all) $(FILES)
+
+# The spend guard on the local set-up: make budget, make budget RAISE=50, make resume,
+# make approve [FOLDER=shoot], make discard [FOLDER=shoot].
+budget: $(BIN)/dropcut $(LOCAL_CONFIG)
+	@$(BIN)/dropcut budget --config $(LOCAL_CONFIG) $(if $(RAISE),raise $(RAISE))
+
+resume approve discard: $(BIN)/dropcut $(LOCAL_CONFIG)
+	@$(BIN)/dropcut $@ --config $(LOCAL_CONFIG) $(if $(filter-out resume,$@),$(FOLDER))
 
 test: $(BIN)/dropcut
 	$(BIN)/python -m pytest -q
