@@ -14,15 +14,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageDraw, ImageFilter
 
+from dropcut import compose
 from dropcut.compose import (
     apply_layout,
     composite,
     crop_and_place,
     estimate_foreground,
+    filter_reach,
+    foreground_cutout,
+    place,
     save_jpeg,
     save_mask,
     save_webp,
 )
+from dropcut.recipes import Layout
 
 GREEN = (0, 255, 0)
 WHITE = (255, 255, 255)
@@ -129,6 +134,166 @@ def test_estimate_keeps_opaque_and_clear_pixels_and_shapes() -> None:
         estimate_foreground(image.astype(np.float32), alpha)
     with pytest.raises(ValueError):
         estimate_foreground(image, alpha, work_side=0)
+
+
+@pytest.mark.parametrize(
+    ("size", "work_side", "threads", "strip_pixels", "mode"),
+    [
+        ((300, 200), 128, 1, 1 << 20, "RGB"),  # one strip
+        ((300, 200), 128, 2, 300 * 9, "RGB"),  # many strips, computed on two threads
+        ((300, 200), 128, 3, 300 * 8, "RGBA"),  # an RGBA original: its colour channels
+        ((300, 200), 1024, 2, 300 * 9, "RGB"),  # smaller than the working side: no band pass
+        ((97, 203), 64, 2, 97 * 8, "RGB"),  # portrait, odd sizes
+    ],
+)
+def test_foreground_cutout_is_estimate_foreground_as_rgba(
+    monkeypatch: pytest.MonkeyPatch,
+    size: tuple[int, int],
+    work_side: int,
+    threads: int,
+    strip_pixels: int,
+    mode: str,
+) -> None:
+    image, alpha, _ = green_screen_scene(size)
+    expected = estimate_foreground(image, alpha, work_side=work_side)
+    monkeypatch.setattr(compose, "_STRIP_PIXELS", strip_pixels)
+    assert np.array_equal(estimate_foreground(image, alpha, work_side=work_side), expected)
+    source = Image.fromarray(image)
+    if mode == "RGBA":
+        source.putalpha(Image.fromarray(np.full(alpha.shape, 7, np.uint8)))  # not used
+    cut = foreground_cutout(source, alpha, work_side=work_side, threads=threads)
+    assert cut.mode == "RGBA" and cut.size == size
+    px = np.asarray(cut)
+    assert np.array_equal(px[..., :3], expected)
+    assert np.array_equal(px[..., 3], alpha)
+
+
+def test_foreground_cutout_refuses_bad_input() -> None:
+    image, alpha, _ = green_screen_scene((60, 40))
+    with pytest.raises(ValueError, match="mode"):
+        foreground_cutout(Image.fromarray(image).convert("L"), alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        foreground_cutout(Image.fromarray(image), alpha[:-1])
+    with pytest.raises(ValueError, match="threads"):
+        foreground_cutout(Image.fromarray(image), alpha, threads=0)
+    with pytest.raises(ValueError, match="work_side"):
+        foreground_cutout(Image.fromarray(image), alpha, work_side=0)
+
+
+@pytest.mark.parametrize(
+    ("crop", "scale", "size", "expected"),
+    [
+        ((100.0, 50.0, 200.0, 150.0), 1.0, (300, 200), (96, 46, 204, 154)),  # 3 px + 1
+        ((100.0, 50.0, 200.0, 150.0), 2.0, (300, 200), (96, 46, 204, 154)),  # upscaling: 3 source px
+        ((100.0, 50.0, 200.0, 150.0), 0.25, (300, 200), (87, 37, 213, 163)),  # 3 output px = 12 source
+        ((100.5, 50.2, 199.5, 149.9), 0.5, (300, 200), (93, 43, 207, 157)),  # fractional: bounds first
+        ((0.0, 0.0, 300.0, 200.0), 0.1, (300, 200), (0, 0, 300, 200)),  # clipped to the source
+        ((10.0, 190.0, 20.0, 200.0), 1.0, (300, 200), (6, 186, 24, 200)),
+    ],
+)
+def test_filter_reach(
+    crop: tuple[float, float, float, float],
+    scale: float,
+    size: tuple[int, int],
+    expected: tuple[int, int, int, int],
+) -> None:
+    assert filter_reach(crop, scale, size) == expected
+
+
+def test_filter_reach_refuses_a_scale_of_zero() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        filter_reach((0.0, 0.0, 10.0, 10.0), 0.0, (10, 10))
+
+
+@pytest.fixture(scope="module")
+def cut_scene() -> tuple[np.ndarray, np.ndarray, Image.Image]:
+    """The green-screen scene at 900×600, its alpha and its foreground cut-out."""
+    image, alpha, _ = green_screen_scene((900, 600))
+    return image, alpha, foreground_cutout(Image.fromarray(image), alpha, work_side=256)
+
+
+# Layouts as recipes.layout() makes them (crop, scale, size, canvas, offset), for a 900×600
+# source; max_diff: the largest difference allowed against compositing the whole frame
+# first (0 = identical; 1: the resize's coordinates shifted by whole pixels).
+PLACE_CASES = {
+    "unscaled crop": (Layout((150.0, 80.0, 750.0, 590.0), 1.0, (600, 510), (640, 550), (20, 20)), 0),
+    "unscaled whole frame": (Layout((0.0, 0.0, 900.0, 600.0), 1.0, (900, 600), (900, 600), (0, 0)), 0),
+    "shrunk into a square": (
+        Layout((137.3, 61.9, 762.7, 598.1), 0.5117, (320, 274), (400, 400), (40, 63)),
+        1,
+    ),
+    "shrunk a lot (integer reduction first)": (
+        Layout((100.0, 40.0, 800.0, 600.0), 0.1, (70, 56), (80, 80), (5, 12)),
+        1,
+    ),
+    "enlarged": (Layout((300.4, 200.0, 600.6, 400.0), 3.331, (1000, 666), (1000, 1000), (0, 167)), 1),
+    "whole frame shrunk": (Layout((0.0, 0.0, 900.0, 600.0), 0.4, (360, 240), (360, 240), (0, 0)), 1),
+}
+
+
+def _premultiplied(px: np.ndarray) -> np.ndarray:
+    """RGB as int16; RGBA as its colour times its alpha (rounded) and the alpha: the colour
+    of a nearly transparent pixel is not seen (and not defined by a resize)."""
+    if px.shape[-1] == 3:
+        return px.astype(np.int16)
+    out = px.astype(np.int16)
+    out[..., :3] = (out[..., :3] * out[..., 3:] + 127) // 255
+    return out
+
+
+@pytest.mark.parametrize("name", PLACE_CASES)
+@pytest.mark.parametrize("background", [WHITE, (12, 34, 250), None])
+def test_place_is_composite_then_apply_layout(
+    cut_scene: tuple[np.ndarray, np.ndarray, Image.Image],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    background: tuple[int, int, int] | None,
+) -> None:
+    """Compositing only what an output shows gives the pixels of compositing the whole
+    frame first: crop-then-composite is composite-then-crop (exactly), and a scaled output
+    is the same LANCZOS resize of the full-resolution composite (within one level), never
+    a premultiplied resize blended at the small size."""
+    image, alpha, cut = cut_scene
+    layout, max_diff = PLACE_CASES[name]
+    fg = np.asarray(cut)[..., :3]
+    reference = np.asarray(
+        apply_layout(composite(image, alpha, background, foreground=fg), layout, background)
+    )
+    monkeypatch.setattr(compose, "_STRIP_PIXELS", 900 * 50)  # several strips
+    got = place(cut, layout, background)
+    assert got.mode == ("RGBA" if background is None else "RGB") and got.size == layout.canvas
+    diff = np.abs(_premultiplied(np.asarray(got)) - _premultiplied(reference))
+    # (a transparent result is unpremultiplied after the resize: one more level of rounding)
+    limit = max_diff + 1 if max_diff and background is None else max_diff
+    assert diff.max() <= limit, (name, diff.max())
+    assert np.count_nonzero(diff) <= 0.001 * diff.size
+    assert np.array_equal(np.asarray(place(np.asarray(cut), layout, background)), np.asarray(got))
+
+
+@pytest.mark.parametrize("name", PLACE_CASES)
+def test_place_a_mask(cut_scene: tuple[np.ndarray, np.ndarray, Image.Image], name: str) -> None:
+    _, alpha, _ = cut_scene
+    layout, max_diff = PLACE_CASES[name]
+    got = place(alpha, layout, None)
+    assert got.mode == "L" and got.size == layout.canvas
+    diff = np.abs(np.asarray(got).astype(np.int16) - np.asarray(apply_layout(alpha, layout, None)))
+    assert diff.max() <= max_diff
+
+
+def test_scaled_white_composite_has_no_halo(cut_scene: tuple[np.ndarray, np.ndarray, Image.Image]) -> None:
+    """A shrunk square on white (Shopify's geometry) from the estimated cut-out shows far
+    less of the green screen along the edge than the same from the photo's own colours."""
+    image, alpha, cut = cut_scene
+    layout = PLACE_CASES["shrunk into a square"][0]
+    plain = Image.fromarray(image)
+    plain.putalpha(Image.fromarray(alpha))
+    edge = np.asarray(place(alpha, layout, None))
+    band = (edge > 0) & (edge < 255)
+    with_estimate = green_excess(np.asarray(place(cut, layout, WHITE)), band)
+    without = green_excess(np.asarray(place(plain, layout, WHITE)), band)
+    print(f"\ngreen excess along the edge of a shrunk white square: {without:.2f} -> {with_estimate:.2f}")
+    assert without > 10.0
+    assert with_estimate <= 0.25 * without
 
 
 def test_composite_background_exact_and_transparent_variant() -> None:
@@ -246,6 +411,48 @@ def test_webp_keeps_alpha_and_carries_icc_and_exif(tmp_path: Path) -> None:
     save_webp(composite(image, alpha, WHITE, foreground=fg), opaque, icc_profile=None, exif=None)
     with Image.open(opaque) as im:
         assert im.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("method", "lossless", "error", "methods_tried", "raises"),
+    [
+        (0, False, None, [0], False),  # fits: one encode
+        (0, False, "encoding error 6", [0, 2], False),  # partition 0 overflows: method 2
+        (1, False, "encoding error 6", [1, 2], False),
+        (2, False, "encoding error 6", [2], True),  # already at 2: the error stands
+        (0, True, "encoding error 6", [0], True),  # lossless has no partition 0
+        (0, False, "encoding error 5", [0], True),  # another error stands
+    ],
+)
+def test_webp_partition0_overflow_is_encoded_again_at_method_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: int,
+    lossless: bool,
+    error: str | None,
+    methods_tried: list[int],
+    raises: bool,
+) -> None:
+    tried: list[int] = []
+    real = compose._write
+
+    def write(im: Image.Image, dest: Path, fmt: str, params: dict[str, object], **kw: bytes | None) -> int:
+        tried.append(int(params["method"]))  # type: ignore[call-overload]
+        if error is not None and params["method"] == method:
+            raise ValueError(error)  # what Pillow raises for libwebp's error code
+        return real(im, dest, fmt, params, **kw)
+
+    monkeypatch.setattr(compose, "_write", write)
+    image = np.zeros((16, 16, 3), np.uint8)
+    dest = tmp_path / "out.webp"
+    if raises:
+        with pytest.raises(ValueError, match=error or ""):
+            save_webp(image, dest, icc_profile=None, exif=None, method=method, lossless=lossless)
+    else:
+        save_webp(image, dest, icc_profile=None, exif=None, method=method, lossless=lossless)
+        with Image.open(dest) as im:
+            assert im.format == "WEBP" and im.size == (16, 16)
+    assert tried == methods_tried
 
 
 def test_mask_is_8bit_grey_equal_to_alpha(tmp_path: Path) -> None:

@@ -24,19 +24,26 @@ stream, the Adler-32 combined — the way pigz parallelises), with the deflate o
 a small thread pool (zlib releases the GIL) while the next strip is computed. Peak memory
 is the decoded original plus a few tens of MB (measured: `python -m bench.render`).
 
+:func:`render_outputs` makes every output of a recipe from one upsampling of the matte:
+the outputs that need only the alpha start while the subject's colour is estimated, each
+output composites only its own crop, and two lanes take the longest output that can
+start (measured with ``python -m bench.outputs``).
+
 No module-level state: everything is a plain function of its arguments, callable in a
 worker process (``ProcessPoolExecutor.submit(render_cutout, ...)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import struct
+import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +54,7 @@ import numpy.typing as npt
 from PIL import Image
 
 if TYPE_CHECKING:
-    from dropcut.recipes import OutputSpec
+    from dropcut.recipes import Layout, OutputSpec
 
 __all__ = [
     "DEFAULT_COLOUR_GUIDE",
@@ -58,9 +65,13 @@ __all__ = [
     "RenderStats",
     "bilinear_upsample",
     "guided_upsample",
+    "is_plain_cutout",
     "load_matte",
+    "needs_foreground",
+    "output_cost",
     "peak_rss_bytes",
     "render_cutout",
+    "render_outputs",
 ]
 
 #: Window radius of the guided filter, in pixels *of the matte* (the proxy's grid): the
@@ -209,6 +220,15 @@ def _box(x: _F64, r: int) -> _F64:
     return out
 
 
+def _box_each(planes: list[_F64], r: int) -> _F64:
+    """:func:`_box` of each (h, w) plane, stacked to (h, w, k): the same numbers as
+    ``_box`` of the stack, with one plane's temporaries at a time instead of k planes'."""
+    out = np.empty((*planes[0].shape, len(planes)), dtype=np.float64)
+    for j, plane in enumerate(planes):
+        out[..., j] = _box(plane, r)
+    return out
+
+
 def _solve_sym3(sig: _F64, rhs: _F64) -> _F64:
     """Solve Σ·a = rhs per pixel for the symmetric 3×3 Σ given as its (h, w, 6) upper
     triangle (xx, xy, xz, yy, yz, zz) and rhs (h, w, 3): the adjugate over the determinant,
@@ -233,17 +253,16 @@ def _coefficients(p: _F64, guide: _F64, radius: int, eps: float) -> tuple[list[_
     """The guided filter's averaged coefficients (mean_a per guide channel, mean_b) for
     the matte ``p`` (h, w) in [0, 1] and the low-resolution guide (h, w, k) in [0, 1]."""
     k = guide.shape[2]
-    mean_i = _box(guide, radius)
+    channels = [np.ascontiguousarray(guide[..., c]) for c in range(k)]
+    mean_i = _box_each(channels, radius)
     mean_p = _box(p, radius)
-    cov_ip = _box(guide * p[..., None], radius) - mean_i * mean_p[..., None]
+    cov_ip = _box_each([g * p for g in channels], radius) - mean_i * mean_p[..., None]
     if k == 1:
-        var = _box(guide * guide, radius) - mean_i * mean_i
+        var = _box_each([g * g for g in channels], radius) - mean_i * mean_i
         a = cov_ip / (var + eps)
     else:
         pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
-        prods = np.stack([guide[..., c1] * guide[..., c2] for c1, c2 in pairs], axis=2)
-        sig = _box(prods, radius)
-        del prods
+        sig = _box_each([channels[c1] * channels[c2] for c1, c2 in pairs], radius)
         for j, (c1, c2) in enumerate(pairs):
             sig[..., j] -= mean_i[..., c1] * mean_i[..., c2]
             if c1 == c2:
@@ -251,7 +270,7 @@ def _coefficients(p: _F64, guide: _F64, radius: int, eps: float) -> tuple[list[_
         a = _solve_sym3(sig, cov_ip)
         del sig
     b = mean_p - np.sum(a * mean_i, axis=2)
-    mean_a = _box(a, radius)
+    mean_a = _box_each([np.ascontiguousarray(a[..., c]) for c in range(k)], radius)
     mean_b = _box(b, radius)
     return [np.ascontiguousarray(mean_a[..., c], dtype=np.float32) for c in range(k)], mean_b.astype(
         np.float32
@@ -317,6 +336,54 @@ def _grey(rows: _U8) -> _U8:
     return np.asarray(im.convert("L"))[..., None]
 
 
+def _strip_rows(width: int, height: int) -> list[tuple[int, int]]:
+    """Rows [y0, y1) of the full-resolution strips: ``STRIP_PIXELS`` each, at least 8 rows."""
+    rows_per = max(8, STRIP_PIXELS // max(width, 1))
+    return [(y0, min(height, y0 + rows_per)) for y0 in range(0, height, rows_per)]
+
+
+def _alpha_rows(
+    matte: _U8,
+    guide: _Guide,
+    *,
+    radius: int,
+    eps: float,
+    colour: bool,
+) -> Callable[[int, int], tuple[_U8, _U8]]:
+    """The upsampler: a function of rows [y0, y1) giving (guide rows (n, W, C) uint8, alpha
+    (n, W) uint8). The coefficients are computed here, once; the function only reads them,
+    so strips can be computed on several threads at once."""
+    big_w, big_h = guide.width, guide.height
+    h, w = matte.shape
+    if (w, h) == (big_w, big_h):
+        return lambda y0, y1: (guide.rows(y0, y1), matte[y0:y1])
+    use_colour = colour and guide.channels == 3
+    small = guide.small((w, h), use_colour)
+    mean_a, mean_b = _coefficients(matte.astype(np.float64) / 255.0, small, radius, eps)
+    del small
+    # q255 = Σ a_c · I_c(uint8) + 255 · b  (a is dimensionless: guide and matte share the scale)
+    planes = [Image.fromarray(a_c, mode="F") for a_c in mean_a]
+    planes.append(Image.fromarray(mean_b * np.float32(255.0), mode="F"))
+    sy = h / big_h
+
+    def rows(y0: int, y1: int) -> tuple[_U8, _U8]:
+        box = (0.0, y0 * sy, float(w), y1 * sy)
+        up = [
+            np.asarray(p.resize((big_w, y1 - y0), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+            for p in planes
+        ]
+        guide_rows = guide.rows(y0, y1)
+        gi = guide_rows if use_colour else _grey(guide_rows)
+        q = up[-1].copy()
+        for c in range(len(up) - 1):
+            q += up[c] * gi[..., c]
+        np.clip(q, 0.0, 255.0, out=q)
+        q += 0.5
+        return guide_rows, q.astype(np.uint8)
+
+    return rows
+
+
 def _alpha_strips(
     matte: _U8,
     guide: _Guide,
@@ -326,37 +393,9 @@ def _alpha_strips(
     colour: bool,
 ) -> Iterator[tuple[int, _U8, _U8]]:
     """Yield (y0, guide rows (n, W, C) uint8, alpha (n, W) uint8) strip by strip."""
-    big_w, big_h = guide.width, guide.height
-    h, w = matte.shape
-    rows_per = max(8, STRIP_PIXELS // max(big_w, 1))
-    if (w, h) == (big_w, big_h):
-        for y0 in range(0, big_h, rows_per):
-            y1 = min(big_h, y0 + rows_per)
-            yield y0, guide.rows(y0, y1), matte[y0:y1]
-        return
-    use_colour = colour and guide.channels == 3
-    small = guide.small((w, h), use_colour)
-    mean_a, mean_b = _coefficients(matte.astype(np.float64) / 255.0, small, radius, eps)
-    del small
-    # q255 = Σ a_c · I_c(uint8) + 255 · b  (a is dimensionless: guide and matte share the scale)
-    planes = [Image.fromarray(a_c, mode="F") for a_c in mean_a]
-    planes.append(Image.fromarray(mean_b * np.float32(255.0), mode="F"))
-    sy = h / big_h
-    for y0 in range(0, big_h, rows_per):
-        y1 = min(big_h, y0 + rows_per)
-        box = (0.0, y0 * sy, float(w), y1 * sy)
-        up = [
-            np.asarray(p.resize((big_w, y1 - y0), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
-            for p in planes
-        ]
-        rows = guide.rows(y0, y1)
-        gi = rows if use_colour else _grey(rows)
-        q = up[-1].copy()
-        for c in range(len(up) - 1):
-            q += up[c] * gi[..., c]
-        np.clip(q, 0.0, 255.0, out=q)
-        q += 0.5
-        yield y0, rows, q.astype(np.uint8)
+    rows = _alpha_rows(matte, guide, radius=radius, eps=eps, colour=colour)
+    for y0, y1 in _strip_rows(guide.width, guide.height):
+        yield y0, *rows(y0, y1)
 
 
 def guided_upsample(
@@ -366,6 +405,7 @@ def guided_upsample(
     radius: int = DEFAULT_RADIUS,
     eps: float = DEFAULT_EPS,
     colour: bool = DEFAULT_COLOUR_GUIDE,
+    threads: int = 1,
 ) -> npt.NDArray[np.uint8]:
     """Upsample ``matte`` — (h, w) uint8, 255 = opaque, the API's answer at the proxy's
     size — to the guide's (H, W) with the fast guided filter (He & Sun 2015,
@@ -376,6 +416,8 @@ def guided_upsample(
     ``radius``: the window radius in *matte* pixels (window (2r+1)²); ``eps``: the
     regularisation for intensities in [0, 1] (smaller = edges follow the guide more
     closely); ``colour``: 3-channel guide (True) or its ITU-R 601 luma (False).
+    ``threads``: full-resolution strips computed at once (resizing and numpy release the
+    GIL; the result does not depend on it).
 
     Method: the guide is downsampled to (h, w) with LANCZOS (as the proxy was); there the
     filter's coefficients ``a`` (per guide channel) and ``b`` are computed with O(N) box
@@ -384,7 +426,7 @@ def guided_upsample(
     clipped to [0, 255] and rounded. A matte already of the guide's size is returned as is.
 
     Returns an (H, W) uint8 array. Raises ``ValueError`` for a matte that is not a 2-D
-    uint8 array or larger than the guide, or an unsupported guide.
+    uint8 array or larger than the guide, an unsupported guide, or ``threads`` < 1.
     """
     m = np.asarray(matte)
     g = _Guide(guide)
@@ -392,9 +434,17 @@ def guided_upsample(
         raise ValueError(f"matte array {m.dtype} {m.shape}: expected (h, w) uint8")
     if m.shape[0] > g.height or m.shape[1] > g.width or m.size == 0:
         raise ValueError(f"matte {m.shape[::-1]} larger than the guide {(g.width, g.height)} or empty")
+    if threads < 1:
+        raise ValueError(f"threads {threads}: expected >= 1")
     out = np.empty((g.height, g.width), dtype=np.uint8)
-    for y0, _, alpha in _alpha_strips(m, g, radius=radius, eps=eps, colour=colour):
-        out[y0 : y0 + alpha.shape[0]] = alpha
+    rows = _alpha_rows(m, g, radius=radius, eps=eps, colour=colour)
+
+    def fill(strip: tuple[int, int]) -> None:
+        out[strip[0] : strip[1]] = rows(*strip)[1]
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dropcut-upsample") as pool:
+        for _ in pool.map(fill, _strip_rows(g.width, g.height)):
+            pass
     return out
 
 
@@ -473,6 +523,8 @@ def _write_png(
     compress_level: int,
     threads: int,
 ) -> None:
+    """The PNG of ``strips`` (y0, rows (n, W, 3|4), alpha (n, W)) to ``fh``: ``threads``
+    strips are deflated on a small pool while the next is filtered (0: each in turn)."""
     width, height = size
     fh.write(_PNG_SIGNATURE)
     _chunk(fh, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
@@ -622,10 +674,109 @@ def is_plain_cutout(spec: OutputSpec) -> bool:
     )
 
 
+def needs_foreground(spec: OutputSpec) -> bool:
+    """Does ``spec`` show the subject's estimated colour
+    (:func:`dropcut.compose.foreground_cutout`) rather than the photo's: a composite onto a
+    colour, or a WebP (the transparent one too)? Masks never do."""
+    r = spec.resolve()
+    return r.format != "mask" and (r.background != "transparent" or r.format == "webp")
+
+
+#: Rough cost of the parts of an output, in nanoseconds per pixel on one core of the
+#: benchmark machine (``python -m bench.outputs``, 24 MP): encoding, per canvas pixel...
+_ENCODE_NS: Mapping[str, float] = {"webp": 90.0, "png": 50.0, "jpeg": 15.0, "mask": 10.0}
+#: ... and placing, per source pixel of the crop: unscaled (composite and copy) or scaled
+#: (composite and LANCZOS).
+_PASTE_NS = 6.0
+_RESIZE_NS = 25.0
+
+
+def output_cost(spec: OutputSpec, placed: Layout) -> float:
+    """Estimated seconds one output takes on one core, placed as ``placed``
+    (:func:`dropcut.recipes.layout`) and encoded as ``spec`` says: only to start the
+    longest outputs first, so that the last one to finish is not a long one started late.
+    The crop's source pixels times the cost of pasting or resizing them, plus the canvas's
+    pixels times the format's encoding cost (see ``_ENCODE_NS``)."""
+    x0, y0, x1, y1 = placed.crop
+    width, height = placed.canvas
+    per_source = _PASTE_NS if placed.scale == 1 else _RESIZE_NS
+    return ((x1 - x0) * (y1 - y0) * per_source + width * height * _ENCODE_NS[spec.resolve().format]) * 1e-9
+
+
 def _colour(background: str | None) -> tuple[int, int, int] | None:
     if background is None or background == "transparent":
         return None
     return (int(background[1:3], 16), int(background[3:5], 16), int(background[5:7], 16))
+
+
+def _is_identity(placed: Layout, size: tuple[int, int]) -> bool:
+    """Does ``placed`` draw the whole source, unscaled, onto a canvas of its own size?"""
+    return (
+        placed.scale == 1
+        and placed.crop == (0.0, 0.0, float(size[0]), float(size[1]))
+        and placed.canvas == size
+        and placed.offset == (0, 0)
+    )
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One output of a recipe: its resolved spec, staging path and layout."""
+
+    spec: OutputSpec
+    dest: Path
+    placed: Layout
+
+    @property
+    def cost(self) -> float:
+        return output_cost(self.spec, self.placed)
+
+    @property
+    def alpha_only(self) -> bool:
+        """Made from the alpha (and the photo) alone: the plain transparent PNG, a mask."""
+        return is_plain_cutout(self.spec) or self.spec.format == "mask"
+
+
+class _Lanes:
+    """The outputs of one recipe, shared out to ``OUTPUT_THREADS`` lanes (threads that each
+    make one output after another): the outputs that need only the alpha can start at
+    once, the others when :attr:`cutout` is set; each lane takes the longest output that
+    can start (:func:`output_cost`), so the last to finish is not a long one started late.
+    """
+
+    def __init__(self, outputs: list[_Output]) -> None:
+        def longest_first(some: list[_Output]) -> deque[_Output]:
+            return deque(sorted(some, key=lambda job: job.cost, reverse=True))
+
+        self._early = longest_first([job for job in outputs if job.alpha_only])
+        self._late = longest_first([job for job in outputs if not job.alpha_only])
+        self._taking = threading.Lock()
+        self._failed = threading.Event()
+        #: The cut-out the other outputs are placed from (None: there are none).
+        self.cutout: Future[Image.Image | None] = Future()
+
+    def _take(self) -> _Output | None:
+        with self._taking:
+            early, late = self._early, self._late
+            if early and (not late or not self.cutout.done() or early[0].cost >= late[0].cost):
+                return early.popleft()
+            return late.popleft() if late else None
+
+    def run(self, make: Callable[[_Output], None]) -> None:
+        """Be a lane: ``make`` outputs until none is left or one lane has failed (its
+        exception is raised here; the other lanes stop after their current output)."""
+        while not self._failed.is_set() and (job := self._take()) is not None:
+            try:
+                make(job)
+            except BaseException:
+                self._failed.set()
+                raise
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop the lanes: this thread could not make the cut-out (or failed as a lane)."""
+        self._failed.set()
+        if not self.cutout.done():
+            self.cutout.set_exception(exc)
 
 
 def render_outputs(
@@ -638,80 +789,119 @@ def render_outputs(
 ) -> float:
     """Every output of a recipe from one matte: ``outputs`` pairs each spec (see
     :mod:`dropcut.recipes`) with the path it is written to (a fresh staging file, written
-    and fsynced). The matte is upsampled once (:func:`guided_upsample`); a colour
-    background, and a transparent WebP, get the subject's own colour at the edge
-    (:func:`dropcut.compose.estimate_foreground`: no halo of the old background); each
-    output is then cropped, scaled and placed (:func:`dropcut.recipes.layout`,
-    :func:`dropcut.compose.apply_layout`) and encoded with the ICC profile and EXIF.
-    A recipe of today's transparent PNG alone is :func:`render_cutout`. Returns the
-    seconds it took. Raises :class:`MatteError`, ``ValueError`` or ``OSError`` (no output
-    file is left then)."""
+    and fsynced). ``image``: the upright original, RGB or RGBA (its own alpha multiplied
+    into the matte), (W, H).
+
+    The matte is upsampled once (:func:`guided_upsample`, on ``OUTPUT_THREADS`` threads).
+    Then ``OUTPUT_THREADS`` lanes (this thread and a pool's) make the outputs, longest
+    first (:func:`output_cost`): while this thread estimates the subject's colour
+    (:func:`dropcut.compose.foreground_cutout`: no halo of the old background), needed by
+    a colour background or a WebP, the others start on the outputs that need only the
+    alpha (the plain transparent PNG, masks); the rest are cropped, scaled and placed from
+    that cut-out by :func:`dropcut.compose.place`, which composites only the part of the
+    photo an output shows. No lane starts threads of its own (the PNG is deflated in turn),
+    so the lanes keep the cores busy without crowding the estimate, which the longest
+    output (the WebP) waits for. Every output carries the ICC profile and EXIF. A
+    transparent output other than the plain PNG shows the estimated colour when the
+    recipe estimates it, else the photo's. A recipe of today's transparent PNG alone is
+    :func:`render_cutout`.
+
+    Memory: the image, its alpha (1 byte a pixel), the cut-out (4 bytes a pixel) and what
+    the outputs being made hold (a WebP: libwebp's ~12 bytes a pixel at method 0, ~19 at
+    method 2; a scaled output: the composite of its crop plus the filter's reach). Returns
+    the seconds it took. Raises :class:`MatteError`, ``ValueError`` or ``OSError`` (no
+    output file is left then)."""
     from dropcut import compose, recipes
 
     if len(outputs) == 1 and is_plain_cutout(outputs[0][0]):
         dest = outputs[0][1]
         return render_cutout(image, matte_png, dest, icc_profile=icc_profile, exif=exif).seconds
     started = time.monotonic()
-    written: list[Path] = []
     try:
         matte = load_matte(matte_png, image.size)
-        alpha = guided_upsample(matte, image)
+        alpha = guided_upsample(matte, image, threads=OUTPUT_THREADS)
         if image.mode == "RGBA":  # the original's own transparency multiplied in
             own = np.asarray(image.getchannel("A"), dtype=np.uint16)
             alpha = ((alpha.astype(np.uint16) * own + 127) // 255).astype(np.uint8)
-        rgb = np.asarray(image.convert("RGB"))
-        resolved = [(spec.resolve(), dest) for spec, dest in outputs]
-        needs_colour = any(
-            s.format != "mask" and (s.background != "transparent" or s.format == "webp") for s, _ in resolved
-        )
-        foreground = compose.estimate_foreground(rgb, alpha) if needs_colour else rgb
-        boxes = {s.crop_threshold: recipes.subject_box(alpha, s.crop_threshold) for s, _ in resolved}
-        colours = {
-            _colour(s.background) for s, _ in resolved if s.format != "mask" and not is_plain_cutout(s)
-        }
-        # once per background: the shop's JPEGs share white
-        composites = {colour: compose.composite(foreground, alpha, colour) for colour in colours}
+        specs = [spec.resolve() for spec, _ in outputs]
+        boxes = {s.crop_threshold: recipes.subject_box(alpha, s.crop_threshold) for s in specs}
+        jobs = [
+            _Output(s, dest, recipes.layout(image.size, boxes[s.crop_threshold], s))
+            for s, (_, dest) in zip(specs, outputs, strict=True)
+        ]
+        lanes = _Lanes(jobs)
+        saving = threading.Lock()  # Image.save sets attributes: one save of a shared image at a time
 
-        def one(spec: OutputSpec, dest: Path) -> None:
+        def make(job: _Output) -> None:
+            spec, dest = job.spec, job.dest
+            identity = _is_identity(job.placed, image.size)
             if is_plain_cutout(spec):  # the alpha upsampled above, written strip by strip
-                _write_cutout(image, alpha, dest, icc_profile=icc_profile, exif=exif)
-                return
-            placed = recipes.layout(image.size, boxes[spec.crop_threshold], spec)
-            if spec.format == "mask":
-                compose.save_mask(compose.apply_layout(alpha, placed, None), dest, exif=exif)
-                return
-            colour = _colour(spec.background)
-            out = compose.apply_layout(composites[colour], placed, colour)
-            if spec.format == "jpeg":
-                compose.save_jpeg(out, dest, icc_profile=icc_profile, exif=exif, quality=spec.quality or 90)
-            elif spec.format == "webp":
-                compose.save_webp(
-                    out,
-                    dest,
-                    icc_profile=icc_profile,
-                    exif=exif,
-                    quality=spec.quality or 85,
-                    method=WEBP_METHOD,
-                )
+                _write_cutout(image, alpha, dest, icc_profile=icc_profile, exif=exif, threads=0)
+            elif spec.format == "mask":
+                mask = alpha if identity else compose.place(alpha, job.placed, None)
+                compose.save_mask(mask, dest, exif=exif)
             else:
-                compose.save_png(
-                    out, dest, icc_profile=icc_profile, exif=exif, compress_level=DEFAULT_COMPRESS_LEVEL
-                )
+                cutout = lanes.cutout.result()
+                assert cutout is not None
+                colour = _colour(spec.background)
+                out = cutout if identity and colour is None else compose.place(cutout, job.placed, colour)
+                with saving if out is cutout else contextlib.nullcontext():
+                    _encode(out, spec, dest, icc_profile=icc_profile, exif=exif)
 
-        written.extend(dest for _, dest in resolved)
-        # Resizing and encoding release the GIL: two outputs at a time use both cores.
-        with ThreadPoolExecutor(max_workers=OUTPUT_THREADS, thread_name_prefix="dropcut-output") as pool:
-            for done in [pool.submit(one, spec, dest) for spec, dest in resolved]:
-                done.result()
+        placed = [job for job in jobs if not job.alpha_only]
+        any_alpha_only = len(placed) < len(jobs)
+        with ThreadPoolExecutor(
+            max_workers=max(1, OUTPUT_THREADS - 1), thread_name_prefix="dropcut-output"
+        ) as pool:
+            others = [pool.submit(lanes.run, make) for _ in range(OUTPUT_THREADS - 1)]
+            try:
+                if any(needs_foreground(job.spec) for job in placed):
+                    # (its band pass on one thread while the other lanes are busy)
+                    threads = 1 if any_alpha_only else OUTPUT_THREADS
+                    lanes.cutout.set_result(compose.foreground_cutout(image, alpha, threads=threads))
+                else:
+                    lanes.cutout.set_result(_plain_cutout(image, alpha) if placed else None)
+                lanes.run(make)
+            except BaseException as exc:
+                lanes.fail(exc)
+                raise
+            for other in others:
+                other.result()
     except BaseException:
-        for path in written:
+        for _, path in outputs:
             path.unlink(missing_ok=True)
         raise
     return time.monotonic() - started
 
 
-WEBP_METHOD = 0  # libwebp's fastest: a 24 MP WebP costs ~5 s at method 2
-OUTPUT_THREADS = 2  # outputs of one recipe made at once
+WEBP_METHOD = 0  # libwebp's fastest: 2× faster than method 2 (compose.save_webp falls back to 2
+# when an image is too busy for method 0's first partition)
+OUTPUT_THREADS = 2  # outputs of one recipe made at once (and threads of the upsampling)
+
+
+def _plain_cutout(image: Image.Image, alpha: _U8) -> Image.Image:
+    """The photo's own colours with ``alpha`` (H, W) uint8: a new RGBA image (W, H)."""
+    out = image.convert("RGBA") if image.mode != "RGBA" else image.copy()
+    out.putalpha(Image.fromarray(alpha))
+    return out
+
+
+def _encode(
+    image: Image.Image, spec: OutputSpec, dest: Path, *, icc_profile: bytes | None, exif: bytes | None
+) -> None:
+    """Write a placed output (RGB, or RGBA) in ``spec``'s format (png, jpeg or webp)."""
+    from dropcut import compose
+
+    if spec.format == "jpeg":
+        compose.save_jpeg(image, dest, icc_profile=icc_profile, exif=exif, quality=spec.quality or 90)
+    elif spec.format == "webp":
+        compose.save_webp(
+            image, dest, icc_profile=icc_profile, exif=exif, quality=spec.quality or 85, method=WEBP_METHOD
+        )
+    else:
+        compose.save_png(
+            image, dest, icc_profile=icc_profile, exif=exif, compress_level=DEFAULT_COMPRESS_LEVEL
+        )
 
 
 def _write_cutout(
@@ -721,15 +911,15 @@ def _write_cutout(
     *,
     icc_profile: bytes | None,
     exif: bytes | None,
+    threads: int,
 ) -> None:
     """:func:`render_cutout`'s PNG, from an alpha already upsampled (and multiplied by the
-    original's own): (H, W) uint8. Written strip by strip and fsynced."""
+    original's own): (H, W) uint8. Written strip by strip and fsynced; ``threads``
+    strips are deflated while the next one is filtered (0: each in turn)."""
     guide = _Guide(image)
-    rows_per = max(8, STRIP_PIXELS // max(image.width, 1))
 
     def strips() -> Iterator[tuple[int, _U8, _U8]]:
-        for y0 in range(0, image.height, rows_per):
-            y1 = min(image.height, y0 + rows_per)
+        for y0, y1 in _strip_rows(image.width, image.height):
             yield y0, guide.rows(y0, y1)[..., :3], alpha[y0:y1]
 
     with open(dest, "wb") as fh:
@@ -740,7 +930,7 @@ def _write_cutout(
             icc_profile=icc_profile,
             exif=exif,
             compress_level=DEFAULT_COMPRESS_LEVEL,
-            threads=max(1, min(2, os.cpu_count() or 1)),
+            threads=threads,
         )
         fh.flush()
         os.fsync(fh.fileno())
