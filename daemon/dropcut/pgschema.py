@@ -126,6 +126,15 @@ MIGRATIONS: tuple[str, ...] = (
         used_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 2: rate_slots.released — when a slot's request was over (answered or failed); NULL =
+    #    in flight. During an outage a slot is granted only when no other slot of the key
+    #    is open: the one probe across all daemons (a probe's body is `sent` long before its
+    #    answer). The partial index serves each daemon's closing of its own stale slots.
+    #    (IF NOT EXISTS: databases given the column by an earlier stopgap migrate cleanly.)
+    """
+    ALTER TABLE rate_slots ADD COLUMN IF NOT EXISTS released DOUBLE PRECISION;
+    CREATE INDEX IF NOT EXISTS rate_slots_owner ON rate_slots (owner) WHERE released IS NULL;
+    """,
 )
 
 
