@@ -27,8 +27,9 @@ from dropcut import notify, worker
 from dropcut.capture import Note
 from dropcut.observe import Alerts, NoAlerts, NoRecorder, Recorder
 from dropcut.paths import HELD_PREFIX, output_key
+from dropcut.pgqueue import UNAVAILABLE, Queue
 from dropcut.publish import Publisher
-from dropcut.queue import HoldRule, JobQueue, NewJob, Signature
+from dropcut.queue import HoldRule, NewJob, Signature
 from dropcut.recipes import OutputSpec, folder_recipes, output_name_sets, recipe_for, recipe_json
 from dropcut.settings import Settings
 from dropcut.settle import (
@@ -55,6 +56,7 @@ POOL_MIN_BATCH = 64  # a batch this large (a backlog) is inspected in worker pro
 INSPECT_BATCH_BYTES = 32 * 1024 * 1024  # ... and one inspector takes at most this much at once:
 # camera photos (a decode and a proxy each) are shared out between the inspectors
 POOL_WORKERS = 2
+DB_RETRY_SECONDS = 2.0  # the shared queue's database away: files are looked at again after this
 
 
 def _about_file(rel: str) -> AbstractContextManager[object]:
@@ -79,7 +81,7 @@ class Admission:
         self,
         settings: Settings,
         *,
-        queue: JobQueue,
+        queue: Queue,
         publisher: Publisher,
         spool_dir: Path,
         on_queued: Callable[[], None],
@@ -186,7 +188,13 @@ class Admission:
             if due:
                 stats = await asyncio.to_thread(self._stat_all, due)
                 pairs = list(zip(due, stats, strict=True))
-                known = self._queue.known_signatures([_signature(rel, st) for rel, st in pairs if st])
+                try:
+                    known = self._queue.known_signatures([_signature(rel, st) for rel, st in pairs if st])
+                except UNAVAILABLE as exc:  # (the shared queue's database away) later
+                    self._log.debug("settle_deferred", reason=str(exc), files=len(due))
+                    self._later(due)
+                    await asyncio.sleep(TICK_SECONDS)
+                    continue
                 for rel, st in pairs:
                     state = None if st is None else known[_signature(rel, st)]
                     self._settle_one(rel, st, self._clock(), state)
@@ -194,6 +202,18 @@ class Admission:
                 await asyncio.sleep(0)  # more are due already: go on after letting others run
             else:
                 await asyncio.sleep(TICK_SECONDS)
+
+    def _later(self, rels: list[str]) -> None:
+        """Look at these paths again in :data:`DB_RETRY_SECONDS` (the shared queue's
+        database is away: nothing is lost, nothing refused for it)."""
+        when = self._clock() + DB_RETRY_SECONDS
+        for rel in rels:
+            cand = self._candidates.get(rel)
+            if cand is None or rel in self._busy:
+                self.notice(rel, due=when)
+            else:  # (taken off the heap to be looked at: put back, as it was)
+                cand.due = when
+                heapq.heappush(self._heap, (when, rel))
 
     def _stat_all(self, rels: list[str]) -> list[os.stat_result | None]:
         """``stat_entry`` of each path (None when gone or unreadable), opening each folder
@@ -259,7 +279,7 @@ class Admission:
             self._work.put_nowait((rel, seen))
         elif v is Verdict.NEVER_SETTLED:
             del self._candidates[rel]
-            self._quarantine_local(
+            self._quarantine_local_or_later(
                 rel,
                 seen,
                 insp.Refused(
@@ -383,6 +403,10 @@ class Admission:
                 continue
             try:
                 job = self._handle(rel, seen, result)
+            except UNAVAILABLE as exc:  # (a local quarantine's record) looked at again later
+                self._log.warning("admission_deferred", file=rel, reason=str(exc))
+                self._later([rel])
+                continue
             except Exception:
                 self._log.exception("inspect_failed", file=rel)
                 continue
@@ -399,6 +423,12 @@ class Admission:
                 outputs=(lambda rel: output_name_sets(rel, recipes[rel][0]), output_key),
                 hold=HoldRule(self.settings.hold_batches_over, self.settings.batch_window_seconds),
             )
+        except UNAVAILABLE as exc:
+            # The shared queue's database is away: the files stay in the inbox (and their
+            # validated copies in the spool), and are looked at again shortly.
+            self._log.warning("admission_deferred", files=len(jobs), reason=str(exc))
+            self._later([job.rel_path for job in jobs])
+            return
         except Exception:
             for job in jobs:
                 self._log.exception("inspect_failed", file=job.rel_path)
@@ -499,6 +529,13 @@ class Admission:
             case insp.Changed():
                 self.notice(rel)
         return None
+
+    def _quarantine_local_or_later(self, rel: str, seen: Seen, refused: insp.Refused) -> None:
+        try:
+            self._quarantine_local(rel, seen, refused)
+        except UNAVAILABLE as exc:
+            self._log.warning("admission_deferred", file=rel, reason=str(exc))
+            self._later([rel])
 
     def _quarantine_local(self, rel: str, seen: Seen, refused: insp.Refused) -> None:
         error: dict[str, object] = {

@@ -1,4 +1,5 @@
-"""``dropcut run | status | check | retry``.
+"""``dropcut run | status | check | retry | budget | resume | approve | discard | rerender |
+queue migrate``.
 
 Exit codes: 0 success or clean stop; 1 unexpected failure; 2 bad configuration (systemd
 does not restart on it: ``RestartPreventExitStatus=2``).
@@ -11,14 +12,13 @@ import fcntl
 import json
 import os
 import shutil
-import sqlite3
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dropcut import __version__
 
@@ -27,6 +27,7 @@ from dropcut import __version__
 # and needs none of it.
 if TYPE_CHECKING:
     from dropcut.logs import Redactor
+    from dropcut.pgqueue import Queue
     from dropcut.queue import JobQueue
     from dropcut.settings import Settings
 
@@ -88,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="only inputs queued on or after DATE (YYYY-MM-DD)",
     )
+    queue = sub.add_parser("queue", parents=[common], help="the queue itself: move it to a shared database")
+    queue_sub = queue.add_subparsers(dest="action", required=True)
+    migrate = queue_sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="move this machine's SQLite queue (pending jobs, output names, cache) to a shared "
+        "PostgreSQL queue, once (the daemon must be stopped)",
+    )
+    migrate.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="postgresql://user@host/db (no password in it: queue_password_file or the systemd "
+        "credential dropcut-queue-password)",
+    )
     return parser
 
 
@@ -118,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resume": _resume,
         "approve": _release_held,
         "discard": _release_held,
+        "queue": _queue_command,
     }[args.command]
     return handler(settings, args)
 
@@ -210,6 +227,51 @@ def _run(settings: Settings, args: argparse.Namespace, dump_problems: Sequence[s
     return daemon.exit_code
 
 
+class NoQueue(Exception):
+    """A command cannot open the queue: no SQLite queue yet, no API key for the shared one,
+    or the shared one's database cannot be reached. The message says which, in one line."""
+
+
+def open_queue(settings: Settings, *, role: str = "cli") -> Queue:
+    """The queue a command works on: the shared one (``queue_url``; ``role``: who opens it,
+    beside the daemon) or the SQLite one in ``state_dir``.
+
+    Raises:
+        NoQueue: there is no SQLite queue yet, or no API key for the shared one (its
+            request log and rate window are the key's).
+        ConfigError: the API key cannot be read.
+    """
+    if settings.queue_url:
+        from dropcut.pgqueue import open_shared
+
+        key = settings.resolve_api_key()
+        if key is None:
+            raise NoQueue(
+                "no API key: the shared queue counts requests per API key (set it as for dropcut run)"
+            )
+        return open_shared(settings, api_key=key.get_secret_value(), role=role)
+    from dropcut.queue import JobQueue
+
+    db = settings.state_dir / "queue.sqlite3"
+    if not db.exists():
+        raise NoQueue(f"no queue yet at {db}")
+    return JobQueue.open(db)
+
+
+def _unavailable() -> tuple[type[Exception], ...]:
+    """What a shared queue whose database is away raises (nothing from the SQLite one)."""
+    from dropcut.pgqueue import UNAVAILABLE
+
+    return UNAVAILABLE
+
+
+def _db_errors() -> tuple[type[Exception], ...]:
+    """What a queue whose database cannot be read raises (SQLite's, or the shared one's)."""
+    from dropcut.pgqueue import DB_ERRORS
+
+    return DB_ERRORS
+
+
 def _check(settings: Settings, args: argparse.Namespace) -> int:
     from dropcut.settings import startup_problems
 
@@ -258,6 +320,8 @@ def _status_data(settings: Settings) -> dict[str, Any]:
     from dropcut.overview import iso, read_overview
     from dropcut.queue import JobQueue, connect
 
+    if settings.queue_url:
+        return _shared_status_data(settings)
     db = settings.state_dir / "queue.sqlite3"
     running = _daemon_running(settings)
     if not db.exists():
@@ -290,6 +354,85 @@ def _status_data(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _shared_status_data(settings: Settings) -> dict[str, Any]:
+    """:func:`_status_data` of the shared queue: this site's overview (and this machine's
+    daemon's conditions), and ``shared``: every site and daemon, the key's window and
+    pause (:meth:`~dropcut.pgqueue.PgJobQueue.shared_report`).
+
+    Raises:
+        NoQueue: no API key.
+        QueueUnavailable: the database cannot be reached.
+    """
+    from dropcut.overview import iso, parse_conditions, read_overview, sentence
+    from dropcut.pgqueue import PgJobQueue
+
+    running = _daemon_running(settings)
+    queue = open_queue(settings)
+    assert isinstance(queue, PgJobQueue)
+    try:
+        now = time.time()
+        overview = read_overview(
+            queue, limit=settings.rate_limit_requests, period=settings.rate_limit_period_seconds, now=now
+        )
+        last = queue.last_error()
+        shared = queue.shared_report(period=overview.rate.period)
+    finally:
+        queue.close()
+    skew = now - float(shared["now"])  # (the database's clock -> this machine's)
+
+    def when(ts: Any) -> str | None:
+        return iso(float(ts) + skew) if isinstance(ts, int | float) else None
+
+    daemons = []
+    for d in shared["daemons"]:
+        conditions = parse_conditions(d["conditions"])
+        daemons.append(
+            {
+                "id": d["id"],
+                "site": d["site"],
+                "host": d["host"],
+                "pid": d["pid"],
+                "version": d["version"],
+                "alive": d["alive"],
+                "this_machine": d["id"] == queue.meta_owner,
+                "started_at": when(d["started_at"]),
+                "heartbeat_at": when(d["heartbeat_at"]),
+                "heartbeat_age_s": round(max(0.0, float(shared["now"]) - float(d["heartbeat_at"])), 1),
+                "stopped_at": when(d["stopped_at"]),
+                "conditions": [
+                    {**c.to_json(), "since": iso(c.since), "sentence": sentence(c, now)} for c in conditions
+                ],
+                "paused": d["paused"],
+            }
+        )
+    key = shared["key"]
+    last_error = None
+    if last is not None:
+        last_error = {"file": last[0], "error": last[1], "at": iso(last[2])}
+    return {
+        "database": shared["url"],
+        "exists": True,
+        "running": running,
+        **overview.to_json(),
+        "last_error": last_error,
+        "shared": {
+            "url": shared["url"],
+            "site": shared["site"],
+            "sites": shared["sites"],
+            "daemons": daemons,
+            "window": {
+                "used": key["window"],
+                "limit": overview.rate.limit,
+                "period_seconds": overview.rate.period,
+                "in_flight": key["open"],
+            },
+            "hold_until": when(key["hold_until"]),
+            "outage_streak": key["outage_streak"],
+            "pause": key["pause"],
+        },
+    }
+
+
 def _daemon_running(settings: Settings) -> bool | None:
     """Does a daemon hold the lock of this ``state_dir``? None: cannot tell (no access)."""
     from dropcut.paths import Layout
@@ -313,11 +456,15 @@ def _daemon_running(settings: Settings) -> bool | None:
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from dropcut.overview import human_duration, pause_hint
+    from dropcut.settings import ConfigError
 
     try:
         report = status_report(settings)
-    except sqlite3.Error as exc:
+    except _db_errors() as exc:
         print(f"dropcut: cannot read the queue: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (NoQueue, ConfigError) as exc:
+        print(f"dropcut: cannot read the shared queue: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:
         print(json.dumps(report, indent=2))
@@ -389,7 +536,53 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
     last = report["last_error"]
     if last:
         say(f"last error: {last['file']}: {_words(last['error'])} ({last['at']})")
+    if "shared" in report:
+        _say_shared(report["shared"], say)
     return EXIT_OK
+
+
+def _say_shared(shared: dict[str, Any], say: Any) -> None:
+    """The shared queue's part of ``dropcut status``: every site and daemon, the key's
+    window, hold and pause."""
+    from dropcut.overview import human_duration
+
+    say(f"shared queue: {shared['url']} — this machine's site: {shared['site']}")
+    for site, jobs in sorted(shared["sites"].items()):
+        counts = "  ".join(f"{state} {n}" for state, n in jobs.items() if n or state in CORE_STATES)
+        say(f"  site {site}: {counts}", indent="      ")
+    if not shared["sites"]:
+        say("  no jobs in any site yet", indent="    ")
+    for d in shared["daemons"]:
+        me = " (this machine's)" if d["this_machine"] else ""
+        if d["stopped_at"]:
+            state = f"stopped {d['stopped_at']}"
+        elif d["alive"]:
+            state = f"running, heartbeat {human_duration(d['heartbeat_age_s'])} ago"
+        else:
+            state = f"gone? no heartbeat for {human_duration(d['heartbeat_age_s'])}"
+        say(
+            f"  daemon {d['id']}{me} — site {d['site']}, host {d['host']}, pid {d['pid']}, "
+            f"version {d['version'] or '?'}: {state}",
+            indent="      ",
+        )
+        if d["paused"]:
+            say(f"    paused here: {_words(d['paused'])}", indent="      ")
+        for c in d["conditions"]:
+            say(f"    - {c['sentence']}", indent="      ")
+    window = shared["window"]
+    say(
+        f"  API key (shared by every daemon on it): {window['used']}/{window['limit']} requests "
+        f"in the last {window['period_seconds']:g} s, {window['in_flight']} in flight",
+        indent="      ",
+    )
+    if shared["pause"]:
+        say(f"  the key is PAUSED for every daemon: {_words(shared['pause'])}", indent="      ")
+    if shared["hold_until"]:
+        say(
+            f"  every daemon on the key waits until {shared['hold_until']} (the API failed "
+            f"{shared['outage_streak']} time(s) in a row)",
+            indent="      ",
+        )
 
 
 CORE_STATES = ("queued", "inflight", "done", "quarantined")  # listed even at 0
@@ -432,51 +625,73 @@ def _retry(settings: Settings, args: argparse.Namespace) -> int:
     if not args.all and not args.paths:
         print("dropcut: retry needs PATH… or --all", file=sys.stderr)
         return EXIT_CONFIG
-    db = settings.state_dir / "queue.sqlite3"
-    if not db.exists():
+    queue = _command_queue(settings)
+    if queue is None:
+        return EXIT_FAILURE
+    if isinstance(queue, NoQueue):
         for path in args.paths:
             print(f"dropcut: {path}: not quarantined (no queue yet)", file=sys.stderr)
         if args.all:
             print("dropcut: no queue yet: nothing is quarantined", file=sys.stderr)
         return EXIT_FAILURE
-    from dropcut.queue import JobQueue
     from dropcut.retry import retry_job, select
 
-    queue = JobQueue.open(db)
     failed = 0
     try:
+        # (the shared queue: this machine's site's files, which its quarantine folder holds)
+        lite = cast("JobQueue", queue)  # (retry's functions use the Queue methods only)
         wanted = None if args.all else {_relative(settings, p) for p in args.paths}
-        jobs, missing = select(queue, wanted)
+        jobs, missing = select(lite, wanted)
         for name in missing:
             print(f"dropcut: {name}: not quarantined", file=sys.stderr)
             failed += 1
         for job in jobs:
-            result = retry_job(settings, queue, job)
+            result = retry_job(settings, lite, job)
             if result.back_as is None:
                 print(f"dropcut: {result.quarantined_as}: {result.problem}", file=sys.stderr)
                 failed += 1
             else:
                 print(f"requeued {result.quarantined_as} -> inbox/{result.back_as}")
+    except _unavailable() as exc:
+        print(f"dropcut: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         queue.close()
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _command_queue(settings: Settings) -> Queue | NoQueue | None:
+    """:func:`open_queue` for a command: the queue; the :class:`NoQueue` of a SQLite
+    queue not made yet (each command says it its own way); or None when the shared queue
+    cannot be opened (said here, on stderr)."""
+    from dropcut.settings import ConfigError
+
+    try:
+        return open_queue(settings)
+    except NoQueue as exc:
+        if not settings.queue_url:
+            return exc
+        print(f"dropcut: cannot open the shared queue: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"dropcut: {exc}", file=sys.stderr)
+    return None
 
 
 def _budget(settings: Settings, args: argparse.Namespace) -> int:
     """``dropcut budget [show]`` and ``dropcut budget raise N`` (N more requests in the
     current day and month: a raise ends with its period)."""
     from dropcut.budget import PERIODS, period_bounds, period_key
-    from dropcut.queue import JobQueue
 
     if args.action == "raise" and (args.requests is None or args.requests < 1):
         print("dropcut: budget raise needs a number of requests >= 1", file=sys.stderr)
         return EXIT_CONFIG
-    db = settings.state_dir / "queue.sqlite3"
-    if not db.exists():
-        print(f"dropcut: no queue yet at {db}", file=sys.stderr)
+    queue = _command_queue(settings)
+    if queue is None:
+        return EXIT_FAILURE
+    if isinstance(queue, NoQueue):
+        print(f"dropcut: {queue}", file=sys.stderr)
         return EXIT_FAILURE
     tz, now = settings.budget_tz(), time.time()
-    queue = JobQueue.open(db)
     try:
         stored = _budget_record(queue, {period_key(now, tz, p) for p in PERIODS})
         if args.action == "raise":
@@ -499,6 +714,9 @@ def _budget(settings: Settings, args: argparse.Namespace) -> int:
                 limit = f"cap {cap + extra}" + (f" ({cap} + {extra} raised)" if extra else "")
             resets = datetime.fromtimestamp(end, tz).isoformat(timespec="minutes")
             print(f"this {period}: {used} requests, {limit}; resets {resets}")
+    except _unavailable() as exc:
+        print(f"dropcut: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         queue.close()
     return EXIT_OK
@@ -507,19 +725,22 @@ def _budget(settings: Settings, args: argparse.Namespace) -> int:
 def _resume(settings: Settings, args: argparse.Namespace) -> int:
     """``dropcut resume``: the budget caps are off until the current day and month end."""
     from dropcut.budget import PERIODS, period_key
-    from dropcut.queue import JobQueue
 
-    db = settings.state_dir / "queue.sqlite3"
-    if not db.exists():
-        print(f"dropcut: no queue yet at {db}", file=sys.stderr)
+    queue = _command_queue(settings)
+    if queue is None:
+        return EXIT_FAILURE
+    if isinstance(queue, NoQueue):
+        print(f"dropcut: {queue}", file=sys.stderr)
         return EXIT_FAILURE
     now, tz = time.time(), settings.budget_tz()
     keys = [period_key(now, tz, p) for p in PERIODS]
-    queue = JobQueue.open(db)
     try:
         stored = _budget_record(queue, set(keys))
         stored["lifted"] = sorted(set(stored["lifted"]) | set(keys))
         queue.set_meta("budget", stored)
+    except _unavailable() as exc:
+        print(f"dropcut: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         queue.close()
     print(f"budget caps lifted until the end of {' and '.join(k.split(':', 1)[1] for k in keys)}")
@@ -529,19 +750,21 @@ def _resume(settings: Settings, args: argparse.Namespace) -> int:
 def _release_held(settings: Settings, args: argparse.Namespace) -> int:
     """``dropcut approve [FOLDER]`` / ``dropcut discard [FOLDER]``: held files are queued,
     or remembered as not to be sent (nothing is moved or deleted)."""
-    from dropcut.queue import JobQueue
-
-    db = settings.state_dir / "queue.sqlite3"
-    if not db.exists():
-        print(f"dropcut: no queue yet at {db}", file=sys.stderr)
+    queue = _command_queue(settings)
+    if queue is None:
+        return EXIT_FAILURE
+    if isinstance(queue, NoQueue):
+        print(f"dropcut: {queue}", file=sys.stderr)
         return EXIT_FAILURE
     folder = _relative(settings, Path(args.folder), settings.inbox).strip("/") if args.folder else None
     if folder == ".":
         folder = None
-    queue = JobQueue.open(db)
     try:
         held = queue.held_folders()
         n = queue.release_held(folder, to="queued" if args.command == "approve" else "discarded")
+    except _unavailable() as exc:
+        print(f"dropcut: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         queue.close()
     where = f" in {folder}/" if folder else ""
@@ -558,7 +781,7 @@ def _release_held(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _budget_record(queue: JobQueue, current: set[str]) -> dict[str, Any]:
+def _budget_record(queue: Queue, current: set[str]) -> dict[str, Any]:
     """The stored raises and lifts (``meta`` ``budget``) of the ``current`` periods (see
     :func:`dropcut.budget.period_key`): those of past periods are dropped."""
     stored = queue.get_meta("budget")
@@ -578,19 +801,23 @@ def _rerender(settings: Settings, args: argparse.Namespace) -> int:
     if settings.api_mode != "matte":
         print('dropcut: rerender renders from cached mattes: it needs api_mode = "matte"', file=sys.stderr)
         return EXIT_CONFIG
-    db = settings.state_dir / "queue.sqlite3"
-    if not db.exists():
+    queue = _command_queue(settings)
+    if queue is None:
+        return EXIT_FAILURE
+    if isinstance(queue, NoQueue):
         print("dropcut: no queue yet: nothing was done", file=sys.stderr)
         return EXIT_FAILURE
-    from dropcut.queue import JobQueue
     from dropcut.rerender import rerender, select
 
     wanted = None if args.all else {_relative(settings, p, settings.archive) for p in args.paths}
     since = None if args.since is None else datetime.combine(args.since, datetime.min.time()).astimezone()
-    queue = JobQueue.open(db)
     try:
         jobs = select(queue.done_jobs(), wanted, since, updated=lambda job: job.first_seen)
-        results = rerender(settings, queue, jobs)
+        _fetch_shared_mattes(settings, queue, jobs)
+        results = rerender(settings, cast("JobQueue", queue), jobs)
+    except _unavailable() as exc:
+        print(f"dropcut: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         queue.close()
     failed = 0
@@ -608,6 +835,89 @@ def _rerender(settings: Settings, args: argparse.Namespace) -> int:
         print("dropcut: nothing to render again", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _fetch_shared_mattes(settings: Settings, queue: Queue, jobs: Sequence[Any]) -> None:
+    """The shared queue: the mattes of ``jobs`` done on another machine of the site are in
+    the shared result cache; fetched into this machine's, where rerender reads them."""
+    from dropcut.paths import Layout, result_key
+    from dropcut.pgcache import PgResultCache
+    from dropcut.pgqueue import PgJobQueue
+
+    if not isinstance(queue, PgJobQueue):
+        return
+    cache = PgResultCache(Layout.of(settings).cache_dir, max_bytes=settings.result_cache_bytes, queue=queue)
+    for job in jobs:
+        cache.get(result_key(job.sha256, "matte", settings.proxy_max_side))
+
+
+def _queue_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``dropcut queue migrate --to URL``: this machine's SQLite queue moved to the shared
+    one (:func:`dropcut.pgqueue.migrate_sqlite`), once. One line says what was moved, or
+    why nothing was."""
+    from urllib.parse import urlsplit
+
+    from dropcut.paths import Layout
+    from dropcut.pgqueue import AlreadyMigrated, migrate_sqlite, open_shared
+    from dropcut.pgschema import display_url
+    from dropcut.settings import ConfigError
+
+    url = str(args.to).strip()
+    if not url.startswith(("postgresql://", "postgres://")):
+        print(f"dropcut: --to {display_url(url)}: expected a postgresql:// URL", file=sys.stderr)
+        return EXIT_CONFIG
+    if urlsplit(url).password is not None:
+        print(
+            f"dropcut: --to {display_url(url)}: the URL must not hold the password: put it in "
+            "queue_password_file or the systemd credential dropcut-queue-password",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        key = settings.resolve_api_key()
+    except ConfigError as exc:
+        print(f"dropcut: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if key is None:
+        print("dropcut: no API key: the shared queue keeps the request log per API key", file=sys.stderr)
+        return EXIT_CONFIG
+    layout = Layout.of(settings)
+    target = settings.model_copy(update={"queue_url": url})
+    try:
+        # the daemon's own id (role ""): its pacing history and meta become its own there
+        queue = open_shared(target, api_key=key.get_secret_value())
+    except OSError as exc:  # the password file cannot be read
+        print(f"dropcut: queue_password_file: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        moved = migrate_sqlite(layout.database, queue, results_dir=layout.cache_dir)
+    except FileNotFoundError:
+        print(f"dropcut: nothing to migrate: no SQLite queue at {layout.database}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BlockingIOError:
+        print(
+            f"dropcut: the daemon of {settings.state_dir} is running: stop it first "
+            "(systemctl stop dropcut), then migrate",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except AlreadyMigrated as exc:
+        print(f"dropcut: already migrated: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except _unavailable() as exc:
+        print(f"dropcut: nothing migrated: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        queue.close()
+    present = f", {moved.jobs_present} of them there already" if moved.jobs_present else ""
+    taken = f", {moved.outputs_taken} owned by another path there" if moved.outputs_taken else ""
+    print(
+        f"migrated {moved.jobs} jobs{present}, {moved.outputs} output names{taken}, {moved.meta} "
+        f"settings, {moved.requests} logged requests and {moved.results} cached results to "
+        f"{queue.display_url} (site {queue.site}); the SQLite queue is now {moved.renamed_to}; "
+        f'next: queue_url = "{queue.display_url}" in the configuration, then start dropcut'
+    )
+    return EXIT_OK
 
 
 def _q_rel(queue: JobQueue, job_id: int) -> str | None:

@@ -22,7 +22,9 @@ Codes (:data:`CODES`) and what sets them:
 * ``budget_reached`` — ``budget_per_day`` or ``budget_per_month`` is spent: the queue waits
   for the next day or month (or ``dropcut budget raise N`` / ``dropcut resume``);
 * ``batch_held`` — more than ``hold_batches_over`` files came within
-  ``batch_window_seconds``: the newcomers wait for ``dropcut approve`` or ``dropcut discard``.
+  ``batch_window_seconds``: the newcomers wait for ``dropcut approve`` or ``dropcut discard``;
+* ``queue_unavailable`` — the shared queue's PostgreSQL database (``queue_url``) cannot be
+  reached: nothing is claimed or admitted until it is back (no file is lost or refused for it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ CODES = (
     "watch_degraded",
     "budget_reached",
     "batch_held",
+    "queue_unavailable",
 )
 DEFAULT_REPORT_SECONDS = 300.0
 

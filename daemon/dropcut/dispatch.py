@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import shutil
-import sqlite3
+import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from dropcut.budget import PERIODS, Caps, Verdict, period_bounds, verdict
 from dropcut.cache import ResultCache
 from dropcut.client import ALPHA_PATH, REMOVE_PATH, WithoutBG
 from dropcut.decode import DecodeError
+from dropcut.inspect import open_dir_nofollow
 from dropcut.judge import (
     Code,
     Outcome,
@@ -46,9 +48,12 @@ from dropcut.judge import (
 from dropcut.observe import Alerts, NoAlerts, NoRecorder, Recorder
 from dropcut.pace import Pacer
 from dropcut.paths import Layout, output_key, result_key
+from dropcut.pgcache import PgResultCache
+from dropcut.pgpace import SharedPacer, SharedSlotHandle, SharedState
+from dropcut.pgqueue import DB_ERRORS, UNAVAILABLE, PgJobQueue, Queue, QueueHealth
 from dropcut.produce import Producer
-from dropcut.publish import Publisher, copy_to_staging, new_staging_file
-from dropcut.queue import Job, JobQueue, RequestRecord
+from dropcut.publish import Publisher, copy_to_staging, fsync_dir, new_staging_file
+from dropcut.queue import Job, RequestRecord
 from dropcut.recipes import output_name_sets, recipe_from_json
 from dropcut.settings import Settings
 from dropcut.watch import inbox_problem
@@ -70,6 +75,8 @@ LOCAL_PAUSES = ("disk_full", "outbox_unwritable")  # resumed by looking at our f
 SERVICE_WIDE = ("rate_limited", "server_error", "connection_error", "timeout")
 SOURCE_CHECK_SECONDS = 10.0  # a stat of the inbox taking longer: the inbox is unavailable
 UNAVAILABLE_RETRY_SECONDS = 5.0  # a job whose inbox is unavailable is looked at again after this
+DB_RETRY_FIRST_SECONDS = 0.5  # the shared queue's database away: claims retried after this,
+DB_RETRY_MAX_SECONDS = 5.0  # doubling up to this
 OUTPUT_UNWRITABLE = "output_unwritable"
 PROXY_FAILED = "proxy_failed"
 RENDER_FAILED = "render_failed"
@@ -123,6 +130,48 @@ def space_needed(width: int, height: int) -> int:
     return 4 * width * height + 256 * 1024
 
 
+def respool(inbox: Path, rel_path: str, spool: Path, sha256: str) -> str:
+    """Copy ``inbox/rel_path`` (links not followed) to ``spool`` if its content is
+    ``sha256``: a job of the shared queue admitted by another daemon of the site has no
+    spooled copy here. Returns ``present`` (spooled, fsynced), ``changed`` (other content
+    there now: nothing spooled) or ``gone``. Raises OSError when the inbox cannot be read
+    or the spool written."""
+    rel = PurePosixPath(rel_path)
+    try:
+        dir_fd = open_dir_nofollow(inbox, str(rel.parent))
+    except FileNotFoundError:
+        return "gone"
+    try:
+        try:
+            fd = os.open(rel.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return "gone"
+    finally:
+        os.close(dir_fd)
+    tmp = spool.with_name(f".respool-{os.getpid()}-{random.getrandbits(40):010x}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "rb") as src, tmp.open("wb") as out:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                return "changed"
+            while chunk := src.read(1024 * 1024):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != sha256:
+            return "changed"
+        os.replace(tmp, spool)
+        folder = os.open(spool.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fsync_dir(folder)
+        finally:
+            os.close(folder)
+        return "present"
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """Width and height from the image header (Pillow reads no pixels for this)."""
     try:
@@ -138,17 +187,18 @@ class Dispatcher:
         settings: Settings,
         *,
         layout: Layout,
-        queue: JobQueue,
+        queue: Queue,
         client: WithoutBG,
-        pacer: Pacer,
+        pacer: Pacer | SharedPacer,
         publisher: Publisher,
-        cache: ResultCache,
+        cache: ResultCache | PgResultCache,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         notice: Callable[[str], None] | None = None,
         producer: Producer | None = None,
         recorder: Recorder | None = None,
         alerts: Alerts | None = None,
+        health: QueueHealth | None = None,
     ) -> None:
         self.settings = settings
         self._recorder: Recorder = recorder or NoRecorder()
@@ -168,6 +218,12 @@ class Dispatcher:
         self._condition_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # jobs up to their answer (max_in_flight)
         self._finishing: set[asyncio.Task[None]] = set()  # renders and publishing after it
+        self._job_of: dict[asyncio.Task[None], int] = {}  # the job id of each of those tasks
+        # The shared queue (PostgreSQL), or None: the SQLite one, as before.
+        self._shared = queue if isinstance(queue, PgJobQueue) else None
+        self._health = health or QueueHealth(clock)
+        self._outage_shared = False  # the outage shown was seen by another daemon on the key
+        self._sharing: set[asyncio.Task[Any]] = set()  # pause and resume of the key, written
         self._stopping = False
         self._hold_until = 0.0
         self._move_failures: dict[int, str] = {}  # job id -> why its input could not be moved
@@ -180,6 +236,27 @@ class Dispatcher:
         self.last_credit: int | None = None
         paused = queue.get_meta("paused")
         self._paused: dict[str, Any] | None = paused if isinstance(paused, dict) else None
+
+    @property
+    def shared(self) -> bool:
+        """Is the queue the shared one (PostgreSQL)?"""
+        return self._shared is not None
+
+    def holding(self) -> list[int]:
+        """The ids of the jobs this daemon works on now (up to their answer, rendering,
+        publishing): the leases it renews (:meth:`dropcut.pgqueue.PgJobQueue.renew_leases`)."""
+        return sorted(set(self._job_of.values()))
+
+    def set_pacer(self, pacer: Pacer | SharedPacer) -> None:
+        """Pace by ``pacer`` from now on (a reload gave the shared queue another API key)."""
+        self._pacer = pacer
+
+    def _db_failed(self, exc: BaseException, what: str) -> None:
+        """The shared database is away (:data:`dropcut.pgqueue.UNAVAILABLE`): the condition
+        ``queue_unavailable`` shows it; whatever failed is tried again later."""
+        first = not self._health.down
+        self._health.failed(exc)
+        (self._log.warning if first else self._log.debug)("queue_unavailable", during=what, detail=str(exc))
 
     # --- control -----------------------------------------------------------------------
 
@@ -217,7 +294,7 @@ class Dispatcher:
             self._paused = {"code": code, "status": status, "detail": detail, "since": self._clock()}
             if location is not None:
                 self._paused["location"] = location
-            self._queue.set_meta("paused", self._paused)
+            self._store_pause(self._paused, code)
             self._log.error("queue_paused", code=code, status=status, detail=detail, location=location)
             self._condition_wake.set()  # whatever checks this condition looks at it now
 
@@ -225,34 +302,104 @@ class Dispatcher:
         was = self._paused
         if was is not None:
             self._paused = None
-            self._queue.set_meta("paused", None)
+            self._store_pause(None, str(was.get("code")))
             self._log.info("queue_resumed", reason=why, paused_code=was.get("code"))
+            self.wake()
+
+    def _store_pause(self, record: dict[str, Any] | None, code: str) -> None:
+        """Persist a pause (None: its end). The SQLite queue: meta ``paused``. The shared
+        queue: a local pause (disk full, outbox unwritable) in this daemon's meta; an
+        account pause in the API key's shared row, for every daemon on the key."""
+        if self._shared is None:
+            self._queue.set_meta("paused", record)
+            return
+        pacer = self._pacer
+        if code not in LOCAL_PAUSES and isinstance(pacer, SharedPacer):
+            self._share(pacer.pause(record) if record is not None else pacer.resume(), "pause")
+            return
+        try:
+            self._queue.set_meta("paused", record)
+        except UNAVAILABLE as exc:
+            self._db_failed(exc, "pause")
+
+    def _share(self, write: Coroutine[Any, Any, Any], what: str) -> None:
+        """Write to the key's shared row in a task of its own (the caller may not wait)."""
+
+        async def run() -> None:
+            try:
+                await write
+            except UNAVAILABLE as exc:
+                self._db_failed(exc, what)
+
+        task = asyncio.create_task(run(), name=f"share-{what}")
+        self._sharing.add(task)
+        task.add_done_callback(self._sharing.discard)
+
+    def shared_state(self, state: SharedState) -> None:
+        """The API key's shared row changed (:class:`dropcut.pgpace.SharedPacer`'s
+        ``on_state``, on the event loop): another daemon's account pause or resume, or an
+        outage hold, is obeyed here too."""
+        pause = state.pause
+        local = self._paused is not None and self._paused.get("code") in LOCAL_PAUSES
+        if pause is not None and self._paused is None:
+            self._paused = dict(pause)
+            self._log.error("queue_paused", code=pause.get("code"), status=pause.get("status"),
+                            detail=pause.get("detail"), shared=True)  # fmt: skip
+            self._condition_wake.set()
+        elif pause is None and self._paused is not None and not local:
+            was, self._paused = self._paused, None
+            self._log.info("queue_resumed", reason="resumed_on_the_key", paused_code=was.get("code"))
+            self.wake()
+        if state.hold_seconds > 0:
+            self._hold_until = max(self._hold_until, self._clock() + state.hold_seconds)
+        if state.outage_streak > 0 and self._outage is None:
+            self._outage = (self._clock(), "requests on this API key fail (seen by another daemon)")
+            self._outage_shared = True
+        elif state.outage_streak == 0 and self._outage_shared:
+            self._outage, self._outage_shared = None, False
             self.wake()
 
     # --- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Claim and start jobs until :meth:`stop`."""
+        """Claim and start jobs until :meth:`stop`. The shared queue's database away: the
+        claims are tried again with backoff (nothing is claimed meanwhile)."""
+        backoff = DB_RETRY_FIRST_SECONDS
         while not self._stopping:
-            self._wake.clear()
-            now = self._clock()
-            # During an outage one request probes the service; the others wait for it.
-            limit = 1 if self._outage_streak else self.settings.max_in_flight
-            if self.paused is not None or now < self._hold_until or self.in_flight >= limit:
-                await self._sleep(max(0.0, self._hold_until - now) if now < self._hold_until else None)
+            if self._shared is None:
+                await self._run_once()
                 continue
-            if self._over_budget(now):
-                resets = self.budget_reached.resets_at if self.budget_reached else None
-                await self._sleep(min(BUDGET_RECHECK_SECONDS, max(0.0, (resets or now) - now)))
+            try:
+                await self._run_once()
+            except UNAVAILABLE as exc:
+                self._db_failed(exc, "claim")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, DB_RETRY_MAX_SECONDS)
                 continue
-            job = self._queue.claim()
-            if job is None:
-                due = self._queue.next_due()
-                await self._sleep(None if due is None else max(0.0, due - self._clock()))
-                continue
-            task = asyncio.create_task(self._process(job), name=f"job-{job.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+            backoff = DB_RETRY_FIRST_SECONDS
+
+    async def _run_once(self) -> None:
+        """One turn of :meth:`run`: start a job, or wait until one may be started."""
+        self._wake.clear()
+        now = self._clock()
+        # During an outage one request probes the service; the others wait for it.
+        limit = 1 if self._outage_streak else self.settings.max_in_flight
+        if self.paused is not None or now < self._hold_until or self.in_flight >= limit:
+            await self._sleep(max(0.0, self._hold_until - now) if now < self._hold_until else None)
+            return
+        if self._over_budget(now):
+            resets = self.budget_reached.resets_at if self.budget_reached else None
+            await self._sleep(min(BUDGET_RECHECK_SECONDS, max(0.0, (resets or now) - now)))
+            return
+        job = self._queue.claim()
+        if job is None:
+            due = self._queue.next_due()
+            await self._sleep(None if due is None else max(0.0, due - self._clock()))
+            return
+        task = asyncio.create_task(self._process(job), name=f"job-{job.id}")
+        self._tasks.add(task)
+        self._job_of[task] = job.id
+        task.add_done_callback(self._done)
 
     def _over_budget(self, now: float) -> bool:
         """Is a budget cap reached (:mod:`dropcut.budget`)? Counts the requests of the
@@ -293,6 +440,7 @@ class Dispatcher:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._job_of.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             self._log.error("job_crashed", exc_info=task.exception())
         self.wake()
@@ -328,11 +476,19 @@ class Dispatcher:
         try:
             await steps
         except asyncio.CancelledError:
-            self._queue.release(job.id)
+            self._release(job, log)
             log.info("job_requeued", reason="shutdown")
             raise
+        except UNAVAILABLE as exc:
+            # The shared database went away under the job: it goes back to the queue when
+            # the database answers again (its lease: at the next renewal, or when it
+            # expires); what it got from the API is in the result cache.
+            self._db_failed(exc, "job")
+            self._release(job, log)
+            log.info("job_requeued", reason="queue unavailable")
+            self._hold_until = max(self._hold_until, self._clock() + DB_RETRY_FIRST_SECONDS)
         except Exception as exc:  # never strand the job: it goes back to the queue
-            self._queue.release(job.id)
+            self._release(job, log)
             if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
                 self._disk_full(job, Path(str(exc.filename or self._layout.outbox)), str(exc.strerror))
                 return
@@ -341,6 +497,19 @@ class Dispatcher:
                 return
             log.exception("job_failed")  # a bug, a refused write, the queue's database failing
             self._hold_until = max(self._hold_until, self._clock() + 5.0)
+
+    def _release(self, job: Job, log: BoundLogger) -> None:
+        """Put an in-flight job back in the queue. The shared database away: it stays
+        leased to this daemon, which puts it back at its next lease renewal once the
+        database answers (it is no longer among the jobs it holds)."""
+        if self._shared is None:
+            self._queue.release(job.id)
+            return
+        try:
+            self._queue.release(job.id)
+        except UNAVAILABLE as exc:
+            self._db_failed(exc, "release")
+            log.debug("job_release_deferred", reason="queue unavailable")
 
     async def _steps(self, job: Job, log: BoundLogger) -> None:
         if not await self._source_still_there(job, log):
@@ -351,6 +520,11 @@ class Dispatcher:
             log.info("result_reused")
             staged = await asyncio.to_thread(self._copy_to_outbox_staging, cached)
             await self._publish(job, [staged], log, from_cache=True)
+            return
+        # The shared queue: a job admitted by another daemon of the site has no spooled
+        # copy here. The input is read again from the inbox, and used only if it is still
+        # the job's content.
+        if not spool.exists() and self._shared is not None and not await self._respool(job, spool, log):
             return
         if not spool.exists():
             # The validated bytes are gone (state folder tampered with): forget the
@@ -376,6 +550,27 @@ class Dispatcher:
             return
         await self._send(job, spool, log)
 
+    async def _respool(self, job: Job, spool: Path, log: BoundLogger) -> bool:
+        """Spool a shared job's input from the inbox (:func:`respool`); False when it
+        cannot be used (cancelled: changed or gone; postponed: the inbox unreadable)."""
+        self._layout.spool_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            where = await asyncio.wait_for(
+                asyncio.to_thread(respool, self._layout.inbox, job.rel_path, spool, job.sha256),
+                SOURCE_CHECK_SECONDS * 6,
+            )
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise
+            self._queue.postpone(job.id, at=self._clock() + UNAVAILABLE_RETRY_SECONDS)
+            log.warning("job_postponed", reason=f"cannot read the input into the spool: {_text(exc)}")
+            return False
+        if where == "present":
+            log.info("input_spooled", reason="admitted by another daemon of the site")
+            return True
+        self._cancel(job, where, log)
+        return False
+
     def _finish_later(
         self, job: Job, spool: Path, matte: Path, log: BoundLogger, *, entry: dict[str, Any] | None
     ) -> None:
@@ -393,10 +588,12 @@ class Dispatcher:
 
         task = asyncio.create_task(self._guarded(job, log, finish()), name=f"render-{job.id}")
         self._finishing.add(task)
+        self._job_of[task] = job.id
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._finishing.discard(task)
+        self._job_of.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             self._log.error("job_crashed", exc_info=task.exception())
 
@@ -562,6 +759,8 @@ class Dispatcher:
                     on_sent=lambda _at: handle.mark_sent(),  # (the pacer's clock, not the wall)
                     expected_size=upload.expected_size,
                 )
+                if isinstance(handle, SharedSlotHandle):  # before the slot is released
+                    await self._share_outcome(handle, outcome, attempt)
             duration_ms = round((time.monotonic() - began) * 1000)
             self._request_finished(
                 RequestRecord(
@@ -651,6 +850,30 @@ class Dispatcher:
             if not handed_over:
                 staged.unlink(missing_ok=True)
 
+    async def _share_outcome(self, handle: SharedSlotHandle, outcome: Outcome, attempt: int) -> None:
+        """Tell every daemon on the API key what this request says of the service: a
+        service-wide failure (429, 5xx, no connection) steps the key's outage and holds
+        everyone (while the slot is still open, so that no other daemon probes at the same
+        moment); an answer after an outage ends it."""
+        pacer = self._pacer
+        if not isinstance(pacer, SharedPacer):
+            return
+        policy = retry_policy(self.settings)
+        decision = judge(outcome, attempt=attempt, policy=policy, now=datetime.now(UTC), jitter=0.5)
+        try:
+            if isinstance(decision, Retry) and decision.code in SERVICE_WIDE:
+                jitter = self._rng.random()
+                retry_after = decision.delay
+                await pacer.outage(
+                    handle, lambda streak: max(retry_after, backoff_delay(streak, policy, jitter))
+                )
+            elif not (isinstance(decision, Refuse) and decision.code == Code.RETRIES_EXHAUSTED):
+                state = pacer.state
+                if state is not None and state.outage_streak:
+                    await pacer.recovered()
+        except UNAVAILABLE as exc:
+            self._db_failed(exc, "shared outage")
+
     def _request_finished(self, record: RequestRecord, outcome: Outcome) -> None:
         """Count a request (the metrics: every try) and log it in the request log (the
         use of the allowance and the budgets), unless it never reached the server (no
@@ -661,7 +884,7 @@ class Dispatcher:
             return
         try:
             self._queue.record_request(record)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             self._log.warning("request_log_failed", detail=str(exc))
 
     # --- finishing ---------------------------------------------------------------------
@@ -694,6 +917,9 @@ class Dispatcher:
         # Every output of the recipe, each placed atomically; the input is disposed of
         # only once all are (a crash in between: the job is still in flight, and the set
         # is rendered again from the cached matte after the restart, no new request).
+        if not self._still_ours(job, log):
+            _unlink_all(staged)
+            return
         specs = recipe_from_json(job.recipe)
         names = self._queue.claim_outputs(job.rel_path, output_name_sets(job.rel_path, specs), output_key)
         for i, (path, out_rel) in enumerate(zip(staged, names, strict=True)):
@@ -709,6 +935,16 @@ class Dispatcher:
         self._queue.mark_published(job.id, names[0], record)
         self._recorder.file_finished("reused" if from_cache else "published")
         self.finish_published(self._queue.get(job.id) or job)
+
+    def _still_ours(self, job: Job, log: BoundLogger) -> bool:
+        """The shared queue: does this daemon still hold the job's lease? Asked before an
+        act on the file system that another daemon would repeat (outputs, the input's
+        move): one cut off from the database for longer than its lease lost the job to
+        another daemon of the site, which does it. Always True for the SQLite queue."""
+        if self._shared is None or self._shared.holds_lease(job.id):
+            return True
+        log.warning("job_lease_lost", reason="taken over by another daemon of the site")
+        return False
 
     def _outbox_problem(self) -> str | None:
         """Why nothing at all can be written to the outbox (read-only, not writable,
@@ -767,6 +1003,8 @@ class Dispatcher:
         if inbox_problem(self._layout.inbox) is not None:
             self._log.warning("input_dispose_deferred", file=job.rel_path, reason="inbox unavailable")
             return
+        if not self._still_ours(job, self._log.bind(file=job.rel_path)):
+            return
         try:
             what = self._publisher.dispose_input(
                 job.rel_path,
@@ -791,7 +1029,11 @@ class Dispatcher:
         """A held input (``.dropcut-held-…``) was seen in the inbox. Unless a job is
         disposing of it right now, it was left by a crash in a folder that was renamed
         meanwhile: it gets its name back (never over another file), to be looked at anew."""
-        if self._queue.holds(held_path):
+        try:
+            if self._queue.holds(held_path):
+                return
+        except UNAVAILABLE as exc:  # (only the shared queue raises these) looked at again later
+            self._db_failed(exc, "held file")
             return
         try:
             back = self._publisher.restore_held(held_path)
@@ -817,11 +1059,21 @@ class Dispatcher:
 
     def finish_pending(self) -> None:
         """Finish what had to wait: input moves and quarantines (at start-up, after each
-        rescan, when the inbox or disk space comes back)."""
-        for job in self._queue.published_jobs():
-            self.finish_published(job)
-        for job in self._queue.quarantining_jobs():
-            self.resume_quarantine(job)
+        rescan, when the inbox or disk space comes back). The shared queue: what no other
+        living daemon of the site is finishing; its database away, tried again later."""
+        if self._shared is None:
+            for job in self._queue.published_jobs():
+                self.finish_published(job)
+            for job in self._queue.quarantining_jobs():
+                self.resume_quarantine(job)
+            return
+        try:
+            for job in self._queue.published_jobs():
+                self.finish_published(job)
+            for job in self._queue.quarantining_jobs():
+                self.resume_quarantine(job)
+        except UNAVAILABLE as exc:
+            self._db_failed(exc, "finish pending")
 
     def _move_failed(self, job: Job, exc: OSError, event: str) -> None:
         """A move out of the inbox failed: a full disk pauses the queue; anything else
@@ -853,6 +1105,8 @@ class Dispatcher:
             "detail": decision.detail,
             "source": source,
         }
+        if not self._still_ours(job, log):  # (the shared queue: another daemon has it now)
+            return
         try:
             placed = self.finish_quarantine(job, error, entry=entry, attempts=attempt)
         except OSError as exc:
@@ -917,7 +1171,11 @@ class Dispatcher:
 
     def _drop_spool(self, sha256: str) -> None:
         """The spooled input and its proxies, once no job needs them."""
-        if sha256 and not self._queue.sha_still_needed(sha256):  # ("": refused before hashing)
+        try:
+            needed = not sha256 or self._queue.sha_still_needed(sha256)  # ("": refused before hashing)
+        except UNAVAILABLE:  # (the shared queue) swept at the next start
+            return
+        if not needed:
             for path in (self._layout.spool_file(sha256), *self._layout.spool_dir.glob(f"{sha256}.proxy-*")):
                 try:
                     os.unlink(path)
@@ -954,7 +1212,12 @@ class Dispatcher:
             code = paused.get("code") if paused is not None else None
             timeout: float | None = None
             if code in LOCAL_PAUSES:
-                if self._local_condition_gone(str(code)):
+                try:
+                    gone = self._local_condition_gone(str(code))
+                except UNAVAILABLE as exc:  # (the shared queue) looked at again in a while
+                    self._db_failed(exc, "local pause")
+                    gone = False
+                if gone:
                     self._resume("disk_space_available" if code == "disk_full" else "outbox_writable")
                     self.finish_pending()
                     continue
@@ -982,10 +1245,18 @@ class Dispatcher:
                 self._pause(code=Code.INVALID_API_KEY, status=401, detail=detail)
             return
         self.last_credit = credit.credit
-        self._queue.set_meta(
-            "credit",
-            {"credit": credit.credit, "expiration_date": credit.expiration_date, "checked_at": self._clock()},
-        )
+        record = {
+            "credit": credit.credit,
+            "expiration_date": credit.expiration_date,
+            "checked_at": self._clock(),
+        }
+        if self._shared is None:
+            self._queue.set_meta("credit", record)
+        else:
+            try:
+                self._queue.set_meta("credit", record)
+            except UNAVAILABLE as exc:
+                self._db_failed(exc, "credit")
         self._log.info("credit_checked", credit=credit.credit, expiration_date=credit.expiration_date)
         low = (credit.credit or 0) < self.settings.credit_warn_below
         if low and not self._low_credit:

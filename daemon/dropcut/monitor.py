@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -23,13 +22,15 @@ from dropcut.conditions import Condition, ConditionBoard, Observed, Report
 from dropcut.observe import Alerts, NoAlerts
 from dropcut.overview import (
     Overview,
+    RateUse,
     human_duration,
     iso,
     read_overview,
     sentence,
     summary_line,
 )
-from dropcut.queue import JobQueue
+from dropcut.pgqueue import DB_ERRORS, UNAVAILABLE, Queue
+from dropcut.queue import STATES
 from dropcut.settings import Settings
 
 TICK_SECONDS = 1.0
@@ -45,7 +46,7 @@ class Monitor:
         self,
         settings: Settings,
         *,
-        queue: JobQueue,
+        queue: Queue,
         observe: Callable[[], list[Observed]],
         in_flight: Callable[[], int],
         clock: Callable[[], float],
@@ -80,25 +81,33 @@ class Monitor:
         while True:
             try:
                 self.tick()
-            except sqlite3.Error as exc:  # one bad tick must not end the monitoring
+            except DB_ERRORS as exc:  # one bad tick must not end the monitoring
                 self._log.warning("monitor_failed", detail=str(exc))
             await asyncio.sleep(TICK_SECONDS)
 
     def tick(self) -> list[Report]:
         """Look once: update the board, log its reports, store the conditions when they
-        changed, and make the summary. Returns the reports. Raises ``sqlite3.Error``."""
+        changed, and make the summary. Returns the reports. Raises ``sqlite3.Error``.
+
+        The shared queue's database away: the last figures are shown, and the conditions
+        (``queue_unavailable`` among them) still reported; they are stored once it is
+        back."""
         now = self._clock()
         s = self.settings
-        rate = {"limit": s.rate_limit_requests, "period": s.rate_limit_period_seconds}
-        if rate != self._rate_stored:  # what status readers show the use against
-            self._queue.set_meta("rate", rate)
-            self._rate_stored = rate
-        overview = read_overview(
-            self._queue, limit=s.rate_limit_requests, period=s.rate_limit_period_seconds, now=now
-        )
-        if overview.jobs.get("queued", 0) > self._queued:  # e.g. `dropcut approve` / `retry`
-            self._more_work()
-        self._queued = overview.jobs.get("queued", 0)
+        try:
+            rate = {"limit": s.rate_limit_requests, "period": s.rate_limit_period_seconds}
+            if rate != self._rate_stored:  # what status readers show the use against
+                self._queue.set_meta("rate", rate)
+                self._rate_stored = rate
+            overview = read_overview(
+                self._queue, limit=s.rate_limit_requests, period=s.rate_limit_period_seconds, now=now
+            )
+        except UNAVAILABLE:  # (only the shared queue raises these)
+            overview = self._last_known(now)
+        else:
+            if overview.jobs.get("queued", 0) > self._queued:  # e.g. `dropcut approve` / `retry`
+                self._more_work()
+            self._queued = overview.jobs.get("queued", 0)
         observed = self._observe()
         facts = {o.code: o.facts for o in observed if o.facts}
         reports = self._board.update(observed, now=now, waiting=overview.backlog)
@@ -107,11 +116,30 @@ class Monitor:
             self._alert(report, facts.get(report.condition.code), now)
         current = self._board.current
         if reports or _codes(current) != _codes(self._stored):
-            self._queue.set_meta("conditions", [c.to_json() for c in current] or None)
-            self._stored = current
+            try:
+                self._queue.set_meta("conditions", [c.to_json() for c in current] or None)
+            except UNAVAILABLE:
+                pass  # (the shared queue's database away) stored at a later tick
+            else:
+                self._stored = current
         self.overview = replace(overview, conditions=current)
         self.summary = summary_line(self.overview, in_flight=self._in_flight())
         return reports
+
+    def _last_known(self, now: float) -> Overview:
+        """The last overview read (its figures as they were), or an empty one."""
+        if self.overview is not None:
+            return replace(self.overview, at=now)
+        s = self.settings
+        return Overview(
+            at=now,
+            jobs=dict.fromkeys(STATES, 0),
+            rate=RateUse(s.rate_limit_requests, s.rate_limit_period_seconds, 0, 0, 0, 0),
+            eta_seconds=None,
+            credit=None,
+            last_success=None,
+            frames_skipped=0,
+        )
 
     def clear(self) -> None:
         """At a clean stop: nothing holds while nobody looks (a pause is stored apart)."""

@@ -14,15 +14,24 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dropcut.conditions import Condition
-from dropcut.queue import JobQueue
+
+if TYPE_CHECKING:
+    from dropcut.pgqueue import Queue
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 BACKLOG_STATES = ("queued", "inflight")
 # Conditions under which nothing is sent: no estimate can be made while they hold.
-STOPPING = ("api_unreachable", "account_paused", "disk_full", "outbox_unwritable", "budget_reached")
+STOPPING = (
+    "api_unreachable",
+    "account_paused",
+    "disk_full",
+    "outbox_unwritable",
+    "budget_reached",
+    "queue_unavailable",
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ _SENTENCES = {
     "watch_degraded": "the inbox is not watched; new files are not seen",
     "budget_reached": "the request budget is spent; the queue waits",
     "batch_held": "a large batch is held",
+    "queue_unavailable": "the shared queue's database cannot be reached; nothing is claimed",
 }
 
 
@@ -202,7 +212,7 @@ def summary_line(overview: Overview, *, in_flight: int | None = None) -> str:
     return " · ".join(parts)
 
 
-def read_overview(queue: JobQueue, *, limit: int, period: float, now: float) -> Overview:
+def read_overview(queue: Queue, *, limit: int, period: float, now: float) -> Overview:
     """Read the snapshot from ``queue`` at ``now`` (wall seconds), for the allowance the
     daemon stored (``meta`` ``rate``: what it paces by), else ``limit`` requests per
     ``period`` seconds. Raises ``sqlite3.Error`` when the database cannot be read; a record

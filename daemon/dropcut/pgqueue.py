@@ -110,6 +110,10 @@ SESSION_SETTINGS = (
     # a daemon stopped in the middle of a transaction (SIGSTOP) does not hold it for ever
     "SET idle_in_transaction_session_timeout = '60s'",
 )
+#: Meta keys each daemon writes for itself (its conditions, the rate it paces by, its local
+#: pause: disk full, outbox unwritable): stored as ``<key>/<daemon id>`` so that two daemons
+#: of one site do not overwrite each other. Every other key is the site's.
+DAEMON_META = frozenset({"conditions", "rate", "paused"})
 NEW_JOB = (  # (enqueue_many: every insert takes the admission lock, see there)
     "INSERT INTO jobs (site, rel_path, sha256, size, mtime_ns, ctime_ns, inode, device, format, state, "
     "first_seen, updated_at, seq, frames, recipe, admitted_at) VALUES (%(site)s, %(rel_path)s, "
@@ -129,6 +133,47 @@ class QueueUnavailable(Exception):
     cut, connection lost, a lock not granted in time). A condition like the API being
     unreachable: the call did nothing; try again later. The message is one line and holds
     no password."""
+
+
+def _pace_unavailable() -> type[Exception]:
+    from dropcut import pgpace
+
+    return pgpace.QueueUnavailable
+
+
+#: What the shared database's being away raises: the queue's (and the result cache's)
+#: :class:`QueueUnavailable`, and the shared pacer's (:mod:`dropcut.pgpace`).
+UNAVAILABLE: tuple[type[Exception], ...] = tuple({QueueUnavailable, _pace_unavailable()})
+#: ... and what the SQLite queue raises when its database cannot be read.
+DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, *UNAVAILABLE)
+
+
+class QueueHealth:
+    """Is the shared queue's database usable? One small object that the daemon hands to
+    its queue (which reports every call: :meth:`failed` when one raised
+    :class:`QueueUnavailable`, :meth:`ok` when one succeeded) and to the stages that catch
+    the failures of other parts (the shared pacer); the daemon shows the condition
+    ``queue_unavailable`` while :attr:`since` is set."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.since: float | None = None  # wall seconds of the first failure of this outage
+        self.detail = ""  # the last failure, in one line (no password)
+        self.outages = 0  # how many began so far
+
+    def failed(self, exc: BaseException) -> None:
+        if self.since is None:
+            self.since = self._clock()
+            self.outages += 1
+        self.detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    def ok(self) -> None:
+        self.since = None
+        self.detail = ""
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
 
 
 class AlreadyMigrated(Exception):
@@ -225,7 +270,8 @@ def open_shared(
     """The shared queue of ``settings`` (``queue_url`` set; the password from
     ``queue_password_file`` or the systemd credential), for the daemon of its state folder
     (``role`` ""), or for another process beside it (``role`` ``"cli"``, ``"web"``: an id of
-    its own, which never holds the daemon's leases). Connects at the first call."""
+    its own, which never holds the daemon's leases, but reads and writes the daemon's own
+    meta, :data:`DAEMON_META`). Connects at the first call."""
     if not settings.queue_url:
         raise ValueError("queue_url is not set: the queue is the SQLite one under state_dir")
     own = daemon_id(settings.state_dir)
@@ -237,6 +283,7 @@ def open_shared(
         key_id=key_id(api_key),
         lease_seconds=settings.lease_seconds,
         clock=clock,
+        meta_owner=own,
     )
 
 
@@ -290,9 +337,13 @@ class PgJobQueue:
         lease_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
         reconnect_max_seconds: float = 30.0,
+        meta_owner: str | None = None,
+        health: QueueHealth | None = None,
     ) -> None:
         self.site = site
         self.daemon_id = daemon_id
+        self.meta_owner = meta_owner or daemon_id  # whose DAEMON_META keys it reads and writes
+        self.health = health  # told of every call's success or failure
         self.key_id = key_id
         self.lease_seconds = lease_seconds
         self.display_url = display_url(url)
@@ -310,6 +361,12 @@ class PgJobQueue:
         self._migrated = False
 
     # --- the connection ----------------------------------------------------------------
+
+    @property
+    def conninfo(self) -> str:
+        """The libpq connection string (with the password: never log it), for another
+        connection to the same database (the shared pacer's)."""
+        return self._conninfo
 
     def close(self) -> None:
         self._closed.set()
@@ -394,7 +451,11 @@ class PgJobQueue:
         """The connection for one call: in one transaction (``tx``) or in autocommit (a
         single read). A connection failure becomes :class:`QueueUnavailable`."""
         with self._mutex:
-            conn = self._connection()
+            try:
+                conn = self._connection()
+            except QueueUnavailable as exc:
+                self._report(exc)
+                raise
             try:
                 if tx:
                     with conn.transaction():
@@ -403,10 +464,20 @@ class PgJobQueue:
                     yield conn
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 if conn.broken or conn.closed:
-                    raise self._lost(_reason(exc)) from None
-                raise self._unavailable(_reason(exc)) from None  # a lock or statement time-out
+                    raise self._report(self._lost(_reason(exc))) from None
+                # a lock or statement time-out
+                raise self._report(self._unavailable(_reason(exc))) from None
+            else:
+                if self.health is not None:
+                    self.health.ok()
             finally:
                 self._used_at = time.monotonic()
+
+    def _report(self, exc: QueueUnavailable) -> QueueUnavailable:
+        """Tell :attr:`health` that a call failed; returns ``exc``."""
+        if self.health is not None:
+            self.health.failed(exc)
+        return exc
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -506,6 +577,16 @@ class PgJobQueue:
                 id=job_id,
             )
         )
+
+    def abandoned(self) -> int:
+        """How many of the site's ``published`` and ``quarantining`` jobs (an input to move
+        away) no living daemon holds: their daemon died, or stopped, with the move undone.
+        Worth :meth:`published_jobs` / :meth:`quarantining_jobs` (``finish_pending``)."""
+        rows = self._read(
+            "SELECT COUNT(*) AS n FROM jobs WHERE site=%(site)s AND state IN ('published', 'quarantining') "
+            f"AND (lease_owner IS NULL OR (lease_owner <> %(me)s AND lease_until < {NOW}))"
+        )
+        return int(rows[0]["n"])
 
     def _expire(self, db: Connection, now: float) -> int:
         """Requeue the site's ``inflight`` jobs whose lease expired, other daemons' only
@@ -1047,15 +1128,120 @@ class PgJobQueue:
     def save_slots(self, slots: Iterable[Slot]) -> None:
         self.set_meta(f"pacer/{self.daemon_id}", [[s.started, s.sent] for s in slots] or None)
 
+    def meta_key(self, key: str) -> str:
+        """Where ``key`` is stored: ``<key>/<daemon id>`` for the daemon's own
+        (:data:`DAEMON_META`), else ``key`` (the site's)."""
+        return f"{key}/{self.meta_owner}" if key in DAEMON_META else key
+
     def get_meta(self, key: str) -> Any:
-        """The site's ``key`` (None: unset)."""
+        """The site's ``key`` (None: unset); the daemon's own for :data:`DAEMON_META`.
+        ``paused``: the daemon's local pause (disk full, outbox unwritable), else the API
+        key's shared pause (401/402/403, see :mod:`dropcut.pgpace`), else None."""
         with self._use(tx=False) as db:
-            return self._get_meta_in(db, key)
+            value = self._get_meta_in(db, self.meta_key(key))
+            if key == "paused" and value is None:
+                return self._key_pause(db)
+            return value
 
     def set_meta(self, key: str, value: Any) -> None:
-        """Set the site's ``key`` (None: delete it)."""
+        """Set the site's ``key`` (None: delete it); the daemon's own for
+        :data:`DAEMON_META` (``paused``: its local pause only; the key's shared pause is
+        the shared pacer's)."""
         with self._use(tx=True) as db:
-            self._set_meta_in(db, key, value)
+            self._set_meta_in(db, self.meta_key(key), value)
+
+    def _key_pause(self, db: Connection) -> dict[str, Any] | None:
+        row = db.execute("SELECT pause FROM rate_keys WHERE key_id=%s", (self.key_id,)).fetchone()
+        return row[0] if row is not None and isinstance(row[0], dict) else None
+
+    # --- the daemons, for the status --------------------------------------------------------
+
+    def heartbeat(self, *, version: str, pid: int | None = None) -> None:
+        """Write this daemon's row in ``daemons`` (its heartbeat now, on the database's
+        clock; created when missing). The shared pacer writes it too."""
+        host = socket.gethostname() or "localhost"
+        self._write(
+            f"INSERT INTO daemons (id, site, host, pid, version, started_at, heartbeat_at) "
+            f"VALUES (%(me)s, %(site)s, %(host)s, %(pid)s, %(version)s, {NOW}, {NOW}) "
+            f"ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, stopped_at = NULL, "
+            "site = EXCLUDED.site, host = EXCLUDED.host, pid = EXCLUDED.pid, version = EXCLUDED.version",
+            host=host,
+            pid=os.getpid() if pid is None else pid,
+            version=version,
+        )
+
+    def started(self, *, version: str) -> None:
+        """A daemon (re)starts: its row in ``daemons`` says since when."""
+        self.heartbeat(version=version)
+        self._write(f"UPDATE daemons SET started_at = {NOW} WHERE id = %(me)s")
+
+    def stopped(self) -> None:
+        """A clean stop: the daemon's row says so (its open rate slots no longer count as
+        in flight, its leases may be taken at once)."""
+        self._write(f"UPDATE daemons SET stopped_at = {NOW} WHERE id = %(me)s")
+
+    def shared_report(self, *, period: float) -> dict[str, Any]:
+        """What ``dropcut status`` shows of the shared queue: the database (its URL without
+        password), every site's job counts, every daemon (its site, host, last heartbeat,
+        whether it is alive: a heartbeat within ``lease_seconds``; its conditions and local
+        pause), the API key's shared window (requests of every daemon in the last
+        ``period`` seconds, slots open now) and its shared state (outage hold, pause).
+        Times are the database's clock (epoch seconds)."""
+        with self._use(tx=False) as db:
+            row = db.execute(f"SELECT {NOW}").fetchone()
+            assert row is not None
+            now = float(row[0])
+            sites: dict[str, dict[str, int]] = {}
+            for site, state, n in db.execute(
+                "SELECT site, state, COUNT(*) FROM jobs GROUP BY site, state ORDER BY site"
+            ).fetchall():
+                sites.setdefault(str(site), dict.fromkeys(STATES, 0))[str(state)] = int(n)
+            meta: dict[tuple[str, str], Any] = {}
+            for key, value in db.execute(
+                "SELECT key, value FROM meta WHERE key LIKE 'conditions/%' OR key LIKE 'paused/%'"
+            ).fetchall():
+                kind, _, owner = str(key).partition("/")
+                meta[(kind, owner)] = value
+            daemons = []
+            for d in self._rows(
+                db,
+                "SELECT id, site, host, pid, version, started_at, heartbeat_at, stopped_at FROM daemons "
+                'ORDER BY site COLLATE "C", id COLLATE "C"',
+                {},
+            ):
+                alive = d["stopped_at"] is None and now - float(d["heartbeat_at"]) <= self.lease_seconds
+                daemons.append(
+                    {
+                        **d,
+                        "alive": alive,
+                        "conditions": meta.get(("conditions", d["id"])) if alive else None,
+                        "paused": meta.get(("paused", d["id"])),
+                    }
+                )
+            key = db.execute(
+                "SELECT hold_until, outage_streak, pause FROM rate_keys WHERE key_id=%s", (self.key_id,)
+            ).fetchone()
+            used = db.execute(
+                "SELECT COUNT(*) FROM requests WHERE key_id=%s AND started >= %s",
+                (self.key_id, self._clock() - period),
+            ).fetchone()
+            open_slots = db.execute(
+                "SELECT COUNT(*) FROM rate_slots WHERE key_id=%s AND sent IS NULL", (self.key_id,)
+            ).fetchone()
+        return {
+            "url": self.display_url,
+            "site": self.site,
+            "now": now,
+            "sites": sites,
+            "daemons": daemons,
+            "key": {
+                "window": int(used[0]) if used is not None else 0,
+                "open": int(open_slots[0]) if open_slots is not None else 0,
+                "hold_until": float(key[0]) if key is not None and float(key[0]) > now else None,
+                "outage_streak": int(key[1]) if key is not None else 0,
+                "pause": key[2] if key is not None and isinstance(key[2], dict) else None,
+            },
+        }
 
     def _get_meta_in(self, db: Connection, key: str) -> Any:
         row = db.execute("SELECT value FROM meta WHERE site=%s AND key=%s", (self.site, key)).fetchone()
@@ -1171,6 +1357,16 @@ class PgJobQueue:
                 f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks}) ON CONFLICT DO NOTHING".encode(),
                 self._args(**values),
             )
+
+    def last_error(self) -> tuple[str, dict[str, Any], float] | None:
+        """The site's most recent job error: ``(rel_path, error, updated_at)``, or None."""
+        rows = self._read(
+            "SELECT rel_path, error, updated_at FROM jobs WHERE site=%(site)s AND error IS NOT NULL "
+            "ORDER BY updated_at DESC LIMIT 1"
+        )
+        if not rows or not isinstance(rows[0]["error"], dict):
+            return None
+        return str(rows[0]["rel_path"]), rows[0]["error"], float(rows[0]["updated_at"])
 
     def integrity_ok(self) -> bool:
         """Does the database answer? (PostgreSQL checks its own pages.)"""
@@ -1288,10 +1484,11 @@ def migrate_sqlite(
             taken = int(row[0]) if row is not None else 0
             if slots:
                 meta[f"pacer/{queue.daemon_id}"] = [[s[0], s[1]] for s in slots]
+            meta.pop("conditions", None)  # (what held when that daemon last ran: its own again)
             for key, value in meta.items():
                 db.execute(
                     "INSERT INTO meta (site, key, value) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                    (queue.site, key, Jsonb(value)),
+                    (queue.site, queue.meta_key(key), Jsonb(value)),
                 )
             with db.cursor() as cur:
                 cur.executemany(

@@ -43,8 +43,13 @@ from dropcut.logs import Redactor, set_log_level
 from dropcut.metrics import Metrics
 from dropcut.monitor import Monitor, held_detail, held_seconds
 from dropcut.notify import Notifications, NotifyOptions
+from dropcut.overview import Overview
 from dropcut.pace import Pacer
-from dropcut.paths import Layout
+from dropcut.paths import STAGING_DIR, Layout
+from dropcut.pgcache import PgResultCache
+from dropcut.pgpace import SharedPacer
+from dropcut.pgqueue import UNAVAILABLE, PgJobQueue, Queue, QueueHealth, open_shared
+from dropcut.pgschema import key_id
 from dropcut.produce import Producer
 from dropcut.publish import Publisher
 from dropcut.queue import JobQueue, connect
@@ -61,6 +66,9 @@ SHA_NAME = re.compile(r"^([0-9a-f]{64})(\.proxy-\d+)?$")  # a spooled input, or 
 WATCH_STOP_SECONDS = 2.0  # at shutdown, how long to wait for the watch threads to end
 THREADS_STOP_SECONDS = 1.0  # at exit, how long to wait for file-system calls still running
 IO_THREADS = 32  # file-system calls at once (as asyncio's default executor allows)
+# The shared queue: a staging file in the (shared) outbox older than this is a crash's
+# leftover; a younger one may be another daemon's of the site, being written.
+SHARED_STAGING_SWEEP_SECONDS = 3600.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -191,6 +199,11 @@ class Daemon:
         self.metrics: Metrics | None = None  # counted by the stages, read by /metrics
         self.http: StatusServer | None = None  # the status page and /metrics (http_listen)
         self.started = False
+        # The shared queue (queue_url): its database's health (the condition
+        # queue_unavailable), and the status page's own long-lived connection to it.
+        self.queue_health = QueueHealth(self._clock)
+        self._web_queue: PgJobQueue | None = None
+        self._held: list[tuple[str, int]] = []  # the held folders last read
 
     # --- entry points ----------------------------------------------------------------
 
@@ -225,8 +238,15 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         self._lock()  # a second instance stops here, before it logs anything
         try:
-            await self._startup()
-            await self._main_loop()
+            try:
+                await self._startup()
+            except UNAVAILABLE as exc:
+                # The shared queue's database cannot be reached at start: exit 1, and
+                # systemd starts the daemon again (Restart=on-failure) until it can.
+                self._log.error("daemon_start_failed", reason=str(exc), queue=self.settings.queue_url)
+                self._exit_code = 1
+            else:
+                await self._main_loop()
         finally:
             await self._shutdown()
         return self.exit_code
@@ -240,30 +260,51 @@ class Daemon:
             raise ConfigError("no API key")
         self._api_key = key
         self._redactor.set_secrets(*self._secrets())  # the key, and the status page's token
-        self.queue = JobQueue(connect(self.layout.database), clock=self._clock)
+        self.queue: Queue
+        shared: PgJobQueue | None = None
+        if s.queue_url:
+            shared = open_shared(s, api_key=key.get_secret_value(), clock=self._clock)
+            shared.health = self.queue_health
+            self.queue = shared
+            self._log.info("queue_opened", url=shared.display_url, site=s.site, daemon=shared.daemon_id)
+        else:
+            self.queue = JobQueue(connect(self.layout.database), clock=self._clock)
         requeued, published = self.queue.recover()
+        if shared is not None:
+            shared.started(version=__version__)
+            self._web_queue = open_shared(s, api_key=key.get_secret_value(), clock=self._clock, role="web")
         # the status page and /metrics: bound now, so that a taken port stops the start
         self.metrics = Metrics(
-            overview=lambda: snapshot(self.settings),
+            overview=self._overview if shared is not None else lambda: snapshot(self.settings),
             watch=lambda: (self._watch_mode, self._watcher is not None and self._degraded is None),
             version=__version__,
         )
         self.http = serve(
-            s, current=lambda: self.settings, metrics=self.metrics, scrub=self._redactor.scrub_text
+            s,
+            current=lambda: self.settings,
+            metrics=self.metrics,
+            scrub=self._redactor.scrub_text,
+            shared=self._web_queue,
         )
         self.publisher = Publisher(self.layout, on_success=s.on_success, clock=self._clock)
-        swept = self.publisher.prepare()
+        swept = self.publisher.prepare() if shared is None else self._prepare_shared()
         self.layout.spool_dir.mkdir(parents=True, exist_ok=True)
         orphans = self._sweep_spool()
-        self.cache = ResultCache(self.layout.cache_dir, max_bytes=s.result_cache_bytes)
-        self.pacer = Pacer(
-            limit=s.rate_limit_requests,
-            period=s.rate_limit_period_seconds,
-            margin=s.rate_margin(),
-            clock=self._clock,
-            history=self.queue.load_slots(),
-            on_change=self.queue.save_slots,
-        )
+        self.cache: ResultCache | PgResultCache
+        self.pacer: Pacer | SharedPacer
+        if shared is not None:
+            self.cache = PgResultCache(self.layout.cache_dir, max_bytes=s.result_cache_bytes, queue=shared)
+            self.pacer = self._shared_pacer(shared, key.get_secret_value())
+        else:
+            self.cache = ResultCache(self.layout.cache_dir, max_bytes=s.result_cache_bytes)
+            self.pacer = Pacer(
+                limit=s.rate_limit_requests,
+                period=s.rate_limit_period_seconds,
+                margin=s.rate_margin(),
+                clock=self._clock,
+                history=self.queue.load_slots(),
+                on_change=self.queue.save_slots,
+            )
         self.client = WithoutBG(
             s.api_url,
             key,
@@ -289,7 +330,10 @@ class Daemon:
             producer=self.producer,
             recorder=self.metrics,
             alerts=self.notifications,
+            health=self.queue_health,
         )
+        if isinstance(self.pacer, SharedPacer):
+            await self.pacer.start()
         # Input moves and quarantines a crash interrupted; one that fails (EPERM, a full
         # disk) is reported and waits for a later rescan, it never stops the start.
         self.dispatcher.finish_pending()
@@ -340,6 +384,7 @@ class Daemon:
             self._health_loop(),
             self._heartbeat(),
             self.monitor.run(),
+            *([self._lease_loop()] if shared is not None else []),
         ):
             self._spawn(coro)
         self._spawn(self.dispatcher.run(), name="dispatch")
@@ -349,6 +394,80 @@ class Daemon:
         if self._console is not None:  # read from its own thread: the cached summary only
             self._status = StatusLine(lambda: self.monitor.summary, self._console)
             self._status.start()
+
+    def _shared_pacer(self, shared: PgJobQueue, api_key: str) -> SharedPacer:
+        """The rate limit of the API key, shared by every daemon on it (issue 13)."""
+        s = self.settings
+        return SharedPacer(
+            shared.conninfo,
+            key_id=key_id(api_key),
+            limit=s.rate_limit_requests,
+            period=s.rate_limit_period_seconds,
+            margin=s.rate_margin(),
+            lease_seconds=s.lease_seconds,
+            owner=shared.daemon_id,
+            site=s.site,
+            version=__version__,
+            on_state=lambda state: self.dispatcher.shared_state(state),
+        )
+
+    def _prepare_shared(self) -> dict[str, int]:
+        """:meth:`Publisher.prepare` for the shared queue: the outbox, quarantine and
+        archive may be shared by the site's other daemons, whose staging files being
+        written must not be swept; only those older than an hour are."""
+        swept = {}
+        cutoff = time.time() - SHARED_STAGING_SWEEP_SECONDS
+        for root in self.layout.output_roots():
+            root.mkdir(parents=True, exist_ok=True)
+            removed = 0
+            staging = root / STAGING_DIR
+            if staging.is_dir() and not staging.is_symlink():
+                for entry in os.scandir(staging):
+                    with contextlib.suppress(OSError):
+                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(entry.path)
+                            removed += 1
+            swept[str(root)] = removed
+        return swept
+
+    async def _lease_loop(self) -> None:
+        """The shared queue: renew this daemon's leases every ``lease_seconds / 3`` (and
+        its heartbeat); jobs whose daemon is gone (its lease expired) come back to the
+        queue, and the dispatcher is woken for them. Runs on the event loop, between two
+        of its steps: a job claimed is always among those the dispatcher holds."""
+        queue = self.queue
+        assert isinstance(queue, PgJobQueue)
+        outages = self.queue_health.outages
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            try:
+                back = queue.renew_leases(self.dispatcher.holding())
+                queue.heartbeat(version=__version__)
+                abandoned = queue.abandoned()
+            except UNAVAILABLE as exc:
+                self.queue_health.failed(exc)
+                continue
+            if self.queue_health.outages != outages:
+                # The database was away: the input moves and quarantines it interrupted
+                # (their jobs still this daemon's) are finished now.
+                outages = self.queue_health.outages
+                abandoned += 1
+            if back:
+                self._log.info("jobs_taken_over", jobs=back)
+                self.dispatcher.wake()
+            if abandoned:  # inputs not moved away (a gone daemon's, or after an outage): now
+                self.dispatcher.finish_pending()
+
+    def _overview(self) -> Overview:
+        """The metrics' overview with the shared queue (the status page's connection); its
+        database away: the daemon's last one, with the conditions holding now."""
+        try:
+            return snapshot(self.settings, shared=self._web_queue)
+        except UNAVAILABLE as exc:
+            last = self.monitor.overview if hasattr(self, "monitor") else None
+            if last is None:
+                raise sqlite3.OperationalError(str(exc)) from None  # (left out of the scrape)
+            return last
 
     def _secrets(self) -> list[str | None]:
         """What no message may carry: the API key, the status page's token."""
@@ -582,6 +701,8 @@ class Daemon:
             old_key, self._api_key = self._api_key, key
             self._redactor.set_secrets(*self._secrets(), old_key.get_secret_value())
             self.client.set_api_key(key)
+            if key.get_secret_value() != old_key.get_secret_value():
+                self._new_key_shared(key.get_secret_value())
             self.publisher.on_success = new.on_success
             self.cache.max_bytes = new.result_cache_bytes
             with contextlib.suppress(OSError):  # the next store evicts again
@@ -597,6 +718,24 @@ class Daemon:
             if new.log_level != old.log_level:
                 set_log_level(new.log_level)  # after the line above, which the admin wants
         self._notifier.ready()
+
+    def _new_key_shared(self, api_key: str) -> None:
+        """The shared queue and a new API key: its request log, and its rate window (a
+        shared pacer of the new key; the old one finishes the requests in flight)."""
+        queue = self.queue
+        if not isinstance(queue, PgJobQueue):
+            return
+        queue.key_id = key_id(api_key)
+        if self._web_queue is not None:
+            self._web_queue.key_id = queue.key_id
+        old = self.pacer
+        if isinstance(old, SharedPacer):
+            self.pacer = self._shared_pacer(queue, api_key)
+            self.dispatcher.set_pacer(self.pacer)
+            self._spawn(self._close_pacer(old))
+
+    async def _close_pacer(self, pacer: SharedPacer) -> None:
+        await pacer.close()
 
     def status_line(self) -> str:
         """The one-line summary (systemd's ``STATUS=``, the console's status line)."""
@@ -623,7 +762,14 @@ class Daemon:
                 found.append(Observed("account_paused", detail, since=since))
         if self._degraded:
             found.append(Observed("watch_degraded", self._degraded))
-        held = self.queue.held_folders()
+        health = self.queue_health
+        if health.since is not None:
+            where = self.settings.queue_url or ""
+            found.append(Observed("queue_unavailable", health.detail or where, since=health.since))
+        try:
+            held = self._held = self.queue.held_folders()
+        except UNAVAILABLE:  # (the shared queue's database away) as last read
+            held = self._held
         if held:
             total = sum(n for _, n in held)
             facts = {
@@ -681,14 +827,22 @@ class Daemon:
             await asyncio.wait(self._tasks, timeout=2.0)
         if hasattr(self, "client"):
             await self.client.aclose()
+        pacer = getattr(self, "pacer", None)
+        if isinstance(pacer, SharedPacer):
+            await pacer.close()  # (never raises for the database)
         if hasattr(self, "monitor"):
             if self._status is not None:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(sqlite3.Error, *UNAVAILABLE):
                     self.monitor.tick()  # the last figures, not those of a second ago
                 self._status.stop(self.monitor.summary)
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error, *UNAVAILABLE):
                 self.monitor.clear()
+        if self._web_queue is not None:
+            self._web_queue.close()
         if hasattr(self, "queue"):
+            if isinstance(self.queue, PgJobQueue) and self.started:
+                with contextlib.suppress(*UNAVAILABLE):
+                    self.queue.stopped()
             self.queue.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -41,7 +41,7 @@ from dropcut.settle import DEFAULT_IGNORE_DIRS, DEFAULT_IGNORE_PATTERNS
 CREDENTIAL_NAME = "dropcut-api-key"
 HTTP_TOKEN_CREDENTIAL = "dropcut-http-token"
 MIN_HTTP_TOKEN = 16
-SHARED_QUEUE_READY = False  # the daemon does not run on queue_url yet: start refuses it
+SHARED_QUEUE_READY = True  # the daemon runs on queue_url (issue 13)
 """File name of the API key below ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``)."""
 
 Positive = Annotated[float, Field(gt=0)]
@@ -584,6 +584,15 @@ def startup_problems(settings: Settings) -> list[str]:
                 )
     if settings.queue_url is not None and not SHARED_QUEUE_READY:
         problems.append("queue_url: the shared PostgreSQL queue is not wired into the daemon yet (issue 13)")
+    if settings.queue_url is not None:
+        if settings.queue_password_file is not None and not settings.queue_password_file.is_file():
+            problems.append(f"queue_password_file {settings.queue_password_file} does not exist")
+        if settings.request_timeout_seconds > settings.lease_seconds:
+            # a dead daemon's request counts in the shared window until its lease is over
+            problems.append(
+                f"lease_seconds {settings.lease_seconds:g} is shorter than request_timeout_seconds "
+                f"{settings.request_timeout_seconds:g}: with queue_url it must be at least as long"
+            )
     problems.extend(folder_problems(settings))
     for name in ("outbox", "quarantine", "archive", "state_dir"):
         problem = _unwritable(getattr(settings, name))

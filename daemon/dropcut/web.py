@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import structlog
@@ -62,6 +62,7 @@ from dropcut.metrics import CONTENT_TYPE as METRICS_TYPE
 from dropcut.metrics import Metrics
 from dropcut.overview import Overview, clock_time, human_duration, read_overview, sentence
 from dropcut.paths import Layout
+from dropcut.pgqueue import DB_ERRORS, UNAVAILABLE, PgJobQueue, Queue
 from dropcut.queue import Job, JobQueue, connect
 from dropcut.retry import quarantined_as, retry_job
 from dropcut.settings import ConfigError, Settings, is_loopback
@@ -80,6 +81,7 @@ NOTES = {
     "retried": "The file is back in the inbox and will be sent again.",
     "gone": "That file is no longer in the quarantine.",
     "failed": "The file could not be moved back to the inbox (see the log).",
+    "unavailable": "The shared queue's database cannot be reached just now; try again.",
 }
 # An absolute path in an error detail (at least two components; not part of a URL).
 _ABSOLUTE = re.compile(r"(?<![\w.:/~-])/[^\s'\"/:,;)]+(?:/[^\s'\"/:,;)]+)+/?")
@@ -108,8 +110,12 @@ class Response:
 
 
 @contextlib.contextmanager
-def reading(settings: Settings) -> Iterator[JobQueue]:
-    """A read-only queue on a connection of its own (closed after)."""
+def reading(settings: Settings, shared: PgJobQueue | None = None) -> Iterator[Queue]:
+    """A read-only queue on a connection of its own (closed after); with the shared
+    queue, ``shared`` (the status page's long-lived one, left open)."""
+    if shared is not None:
+        yield shared
+        return
     conn = connect(Layout.of(settings).database, readonly=True)
     try:
         yield JobQueue(conn)
@@ -140,10 +146,11 @@ def recent(conn: sqlite3.Connection, states: tuple[str, ...], *, limit: int, off
     return [job for job in jobs if job is not None and job.state in states]
 
 
-def snapshot(settings: Settings, now: float | None = None) -> Overview:
+def snapshot(settings: Settings, now: float | None = None, *, shared: PgJobQueue | None = None) -> Overview:
     """The :class:`Overview` as the database says it now (for the metrics). Raises
-    ``sqlite3.Error`` when it cannot be read."""
-    with reading(settings) as queue:
+    ``sqlite3.Error`` when it cannot be read (the shared queue ``shared``:
+    :class:`~dropcut.pgqueue.QueueUnavailable`)."""
+    with reading(settings, shared) as queue:
         return read_overview(
             queue,
             limit=settings.rate_limit_requests,
@@ -199,8 +206,10 @@ class StatusSite:
         version: str = __version__,
         clock: Callable[[], float] = time.time,
         page_size: int = PAGE_SIZE,
+        shared: PgJobQueue | None = None,
     ) -> None:
         first = settings()
+        self._shared = shared  # the shared queue (queue_url): one connection, long-lived
         self._settings = settings
         self._metrics = metrics
         self._token = token
@@ -296,9 +305,9 @@ class StatusSite:
 
     def _thumb(self, job_id: int, kind: Kind) -> Response:
         try:
-            with reading(self._settings()) as queue:
+            with reading(self._settings(), self._shared) as queue:
                 job = queue.get(job_id)
-        except sqlite3.Error:
+        except DB_ERRORS:
             return _text(503, "The queue cannot be read just now.\n")
         if job is None or (kind == "after" and job.state not in OUTPUT_STATES):
             return _text(404, "No such thumbnail.\n")
@@ -325,13 +334,13 @@ class StatusSite:
             return _text(400, "Which file? (no job)\n")
         qpage = _page_number(form.get("qpage"))
         settings = self._settings()
-        queue = JobQueue.open(Layout.of(settings).database)
+        queue: Queue = self._shared or JobQueue.open(Layout.of(settings).database)
         try:
             job = queue.get(job_id)
             if job is None or job.state != "quarantined":
                 note = "gone"
             else:
-                result = retry_job(settings, queue, job)
+                result = retry_job(settings, cast(JobQueue, queue), job)
                 note = "retried" if result.ok else "failed"
                 self._log.info(
                     "retry_requested",
@@ -340,8 +349,11 @@ class StatusSite:
                     back_as=result.back_as,
                     problem=result.problem,
                 )
+        except UNAVAILABLE:
+            note = "unavailable"
         finally:
-            queue.close()
+            if queue is not self._shared:
+                queue.close()
         location = "/?" + urlencode({"qpage": qpage, "note": note}) + "#quarantine"
         return Response(303, b"", "text/plain", [("Location", location)])
 
@@ -350,22 +362,28 @@ class StatusSite:
         now = self._clock()
         size = self._page_size
         try:
-            conn = connect(Layout.of(settings).database, readonly=True)
+            conn = None if self._shared is not None else connect(Layout.of(settings).database, readonly=True)
             try:
-                queue = JobQueue(conn)
+                queue: Queue = self._shared if self._shared is not None else JobQueue(conn)  # type: ignore[arg-type]
                 limit, period = settings.rate_limit_requests, settings.rate_limit_period_seconds
                 ov = read_overview(queue, limit=limit, period=period, now=now)
                 outputs_total = sum(ov.jobs.get(s, 0) for s in OUTPUT_STATES)
                 q_total = ov.jobs.get("quarantined", 0)
                 page = min(_page_number(req.query.get("page")), _pages(outputs_total, size))
                 qpage = min(_page_number(req.query.get("qpage")), _pages(q_total, size))
-                outputs = recent(conn, OUTPUT_STATES, limit=size, offset=(page - 1) * size)
-                held = recent(conn, ("quarantined",), limit=size, offset=(qpage - 1) * size)
+                if conn is None:  # the shared queue
+                    outputs = queue.recent(OUTPUT_STATES, limit=size, offset=(page - 1) * size)
+                    held = queue.recent(("quarantined",), limit=size, offset=(qpage - 1) * size)
+                else:
+                    outputs = recent(conn, OUTPUT_STATES, limit=size, offset=(page - 1) * size)
+                    held = recent(conn, ("quarantined",), limit=size, offset=(qpage - 1) * size)
                 errors = {job.id: queue.job_error(job.id) or {} for job in held}
-                names = {job.id: quarantined_as(queue, job.id) or job.rel_path for job in held}
+                lite = cast(JobQueue, queue)  # (quarantined_as uses the Queue methods only)
+                names = {job.id: quarantined_as(lite, job.id) or job.rel_path for job in held}
             finally:
-                conn.close()
-        except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+        except DB_ERRORS as exc:
             text = (
                 f"<main><h1>dropcut</h1><p>The queue cannot be read: {_e(self._scrub(str(exc)))}</p></main>"
             )
@@ -844,6 +862,7 @@ def serve(
     current: Callable[[], Settings],
     metrics: Metrics,
     scrub: Callable[[str], str] = lambda text: text,
+    shared: PgJobQueue | None = None,
 ) -> StatusServer | None:
     """Bind ``settings.http_listen`` and serve the status page and the metrics on it; None
     when ``http_listen`` is ``""``. Logs ``http_listening`` with the URL (never the token).
@@ -862,7 +881,9 @@ def serve(
         raise ConfigError(
             f"http_listen {settings.http_listen} is not a loopback address: it needs http_token"
         )
-    site = StatusSite(settings=current, metrics=metrics, token=token, bound_host=host, scrub=scrub)
+    site = StatusSite(
+        settings=current, metrics=metrics, token=token, bound_host=host, scrub=scrub, shared=shared
+    )
     try:
         server = StatusServer(site, host, port)
     except OSError as exc:
