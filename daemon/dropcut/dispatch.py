@@ -229,6 +229,7 @@ class Dispatcher:
         self._move_failures: dict[int, str] = {}  # job id -> why its input could not be moved
         self._outage_streak = 0  # steps of the current outage (429, 5xx, network; see outage_step)
         self._outage: tuple[float, str] | None = None  # (since, the last failure in words)
+        self._applied = 0  # reloads put in force (see check_credit)
         self.budget_reached: Verdict | None = None  # the cap that holds the queue, if one does
         self._outage_step_at = float("-inf")
         self._low_credit = False
@@ -261,6 +262,7 @@ class Dispatcher:
     # --- control -----------------------------------------------------------------------
 
     def apply(self, settings: Settings) -> None:
+        self._applied += 1  # (a credit check answered for the settings before this one is stale)
         self.settings = settings
         self._pacer.reconfigure(
             limit=settings.rate_limit_requests,
@@ -1231,6 +1233,7 @@ class Dispatcher:
         return self._outbox_problem() is None
 
     async def check_credit(self) -> None:
+        applied = self._applied
         credit = await self._client.available_credit()
         if credit.outcome is not None:
             o = credit.outcome
@@ -1240,7 +1243,9 @@ class Dispatcher:
                 detail=o.detail,
                 transport_error=o.transport_error.value if o.transport_error else None,
             )
-            if o.status == 401:  # the key is refused: no image request would do better
+            # the key is refused (not an old key a reload replaced meanwhile): no image
+            # request would do better
+            if o.status == 401 and applied == self._applied:
                 detail = o.detail or "the API refused the key"
                 self._pause(code=Code.INVALID_API_KEY, status=401, detail=detail)
             return
